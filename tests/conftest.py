@@ -1,0 +1,19 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """../shared beside the checkout. A user's fresh clone has none (skip); CI always has it (fail)."""
+    if not SHARED.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs ../shared beside the clone, not found at {SHARED}")
+        pytest.skip(f"../shared not found at {SHARED} (clone the project beside the shared data to run this)")
+    return SHARED
