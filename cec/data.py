@@ -1,0 +1,123 @@
+"""Note datasets on disk: notes JSONL, code lists, and raw text files.
+
+Notes JSONL holds one object per line: {"id": str, "text": str, "labels": [code, ...]}. Extra keys are kept.
+A code list is one code per line (.txt), or a TSV whose header row has a `code` column.
+
+Text files are decoded as UTF-8 (a BOM is dropped, CRLF and CR become LF). A file that is not valid UTF-8 is
+decoded with U+FFFD replacement characters and a warning is logged, so one stray byte in a corpus of thousands
+does not stop a build. A file with NUL bytes is binary, not text, and is refused with DataError.
+"""
+import json
+import logging
+from pathlib import Path
+
+from cec.errors import DataError
+from cec.io import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def read_text_file(path: str | Path) -> str:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, expected a text file") from None
+    if b"\x00" in data:
+        raise DataError(f"{path}: binary file (contains NUL bytes), expected text")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        log.warning("%s: not valid UTF-8 (byte %d); undecodable bytes replaced with U+FFFD", path, e.start)
+        text = data.decode("utf-8-sig", errors="replace")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _validate_note(obj, where: str) -> dict:
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for key in ("id", "text", "labels"):
+        if key not in obj:
+            raise DataError(f"{where}: missing key {key!r}")
+    if not isinstance(obj["id"], str) or not obj["id"]:
+        raise DataError(f"{where}: 'id' must be a non-empty string")
+    if not isinstance(obj["text"], str) or not obj["text"].strip():
+        raise DataError(f"{where}: 'text' must be a non-empty string (note {obj['id']!r})")
+    labels = obj["labels"]
+    if not isinstance(labels, list) or not all(isinstance(c, str) and c for c in labels):
+        raise DataError(f"{where}: 'labels' must be a list of non-empty strings (note {obj['id']!r})")
+    obj["labels"] = list(dict.fromkeys(labels))  # drop repeats, keep order
+    return obj
+
+
+def read_notes(path: str | Path) -> list[dict]:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such notes file") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, expected a notes JSONL file") from None
+    notes, seen = [], {}
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        where = f"{path}:{lineno}"
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"{where}: not valid UTF-8") from None
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        note = _validate_note(obj, where)
+        if note["id"] in seen:
+            raise DataError(f"{where}: duplicate note id {note['id']!r} (first on line {seen[note['id']]})")
+        seen[note["id"]] = lineno
+        notes.append(note)
+    return notes
+
+
+def write_notes(path: str | Path, notes: list[dict]) -> None:
+    lines, seen = [], set()
+    for i, note in enumerate(notes):
+        note = _validate_note(dict(note), f"{path}: note {i}")
+        if note["id"] in seen:
+            raise DataError(f"{path}: note {i}: duplicate note id {note['id']!r}")
+        seen.add(note["id"])
+        lines.append(json.dumps(note, ensure_ascii=False) + "\n")
+    atomic_write_text(path, "".join(lines))
+
+
+def read_codes(path: str | Path) -> list[str]:
+    """Codes in file order: a .txt with one code per line, or a TSV with a header row naming a `code` column."""
+    path = Path(path)
+    lines = [(n, ln) for n, ln in enumerate(read_text_file(path).split("\n"), start=1) if ln.strip()]
+    if not lines:
+        raise DataError(f"{path}: empty code list")
+    column = 0
+    header = [h.strip().lower() for h in lines[0][1].split("\t")]
+    if "code" in header:
+        column, lines = header.index("code"), lines[1:]
+    codes, seen = [], {}
+    for lineno, line in lines:
+        fields = line.split("\t")
+        code = fields[column].strip() if column < len(fields) else ""
+        if not code:
+            raise DataError(f"{path}:{lineno}: empty code")
+        if code in seen:
+            raise DataError(f"{path}:{lineno}: duplicate code {code!r} (first on line {seen[code]})")
+        seen[code] = lineno
+        codes.append(code)
+    if not codes:
+        raise DataError(f"{path}: empty code list")
+    return codes
+
+
+def write_codes(path: str | Path, codes: list[str]) -> None:
+    if len(set(codes)) != len(codes):
+        raise DataError(f"{path}: duplicate codes in code list")
+    atomic_write_text(path, "".join(c + "\n" for c in codes))
