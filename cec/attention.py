@@ -57,7 +57,10 @@ def attend_with_lse(q, k, v, scale: float, mask: torch.Tensor | None, softcap: f
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qg, k, v, 0.0, False,
                                                                             attn_mask=bias, scale=scale)
         out, lse = out.nan_to_num_(0.0), lse.float()
-    elif softcap is None and q.device.type == "cuda" and mg is None and d <= 256:
+        if mg is not None:  # the CPU kernel reports lse 0, not -inf, for a row that sees no key
+            lse = lse.masked_fill(~mg.any(-1), float("-inf"))
+    elif (softcap is None and q.is_cuda and mg is None and d <= 256
+          and q.dtype in (torch.float16, torch.bfloat16)):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qg, k, v, 0.0, False, False, scale=scale)[:2]
         lse = lse[..., : rep * t].float()
     else:
