@@ -35,5 +35,7 @@ setup(
             "hypothesis",
             "protobuf",
         ],
+        # cec.baselines (TF-IDF + logistic regression) imports it lazily; nothing else needs it at runtime.
+        "baselines": ["scikit-learn"],
     },
 )
