@@ -55,29 +55,30 @@ def _validate_note(obj, where: str) -> dict:
 def read_notes(path: str | Path) -> list[dict]:
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        f = open(path, "rb")
     except FileNotFoundError:
         raise DataError(f"{path}: no such notes file") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a directory, expected a notes JSONL file") from None
     notes, seen = [], {}
-    for lineno, line in enumerate(raw.split(b"\n"), start=1):
-        where = f"{path}:{lineno}"
-        try:
-            line = line.decode("utf-8")
-        except UnicodeDecodeError:
-            raise DataError(f"{where}: not valid UTF-8") from None
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-        note = _validate_note(obj, where)
-        if note["id"] in seen:
-            raise DataError(f"{where}: duplicate note id {note['id']!r} (first on line {seen[note['id']]})")
-        seen[note["id"]] = lineno
-        notes.append(note)
+    with f:
+        for lineno, line in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{where}: not valid UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            note = _validate_note(obj, where)
+            if note["id"] in seen:
+                raise DataError(f"{where}: duplicate note id {note['id']!r} (first on line {seen[note['id']]})")
+            seen[note["id"]] = lineno
+            notes.append(note)
     return notes
 
 
