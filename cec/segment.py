@@ -10,7 +10,8 @@ Section titles can be learned from a corpus with DF-IAPF: a candidate is a phras
 the start of a line, ending with ':' ("History of Present Illness:"). With N notes, DF(p) is the number of notes
 that have p as such a title, and APF(p) is the average number of times the phrase occurs anywhere in those notes
 (title or running text). score(p) = (DF(p) / N) / APF(p): high for phrases most notes use once as a heading,
-low for rare phrases and for field labels that repeat inside a note ("BP:", "Pt:").
+low for rare phrases and for field labels that repeat inside a note ("BP:", "Pt:"). The paper describes
+DF-IAPF only in words; this formula is our reading of it.
 """
 import re
 from collections import defaultdict
