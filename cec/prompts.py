@@ -1,0 +1,120 @@
+"""The prompts of the paper, split for prefix sharing: a prefix (instruction + note) shared by every question
+about one note, and one question per concept or code that ends where the model answers yes or no.
+
+- concept stage, Fig. 3: [Instruction] + [Clinical Note] | [Question] + [Answer Prompt]
+- label stage, Fig. 4:   [Instruction] + [Medical Note]  | [Concept Predictions] + [Question] + [Answer Prompt]
+- direct coding (the baseline of Table 2): Fig. 3's layout asking about a code description instead of a concept.
+
+prefix + question is exactly the paper's prompt text. Token ids (`encode`): the prefix with BOS, each question
+without BOS, concatenated; training (cec.trainer) and inference (cec.cache) both build ids this way, so they
+agree token for token. The model's answer is read at the last question token by the yes/no head (cec.heads).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+STAGES = ("concept", "label", "direct")
+
+CONCEPT_INSTRUCTION = (
+    "Below is a clinical note. Write a response that appropriately completes the request.\n"
+    "### Instruction: You will be asked whether a medical concept is relevant with the following clinical note "
+    "or not. The concept will be a phrase of a few words. Write your answer in only one word and nothing else. "
+    "Your replying word should be 'yes' or 'no'. The question will be : Is the note above relevant with the "
+    "concept: {concept}? You will be provided an actual concept in place of {concept}.\n"
+    "### Clinical Note : "
+)
+CONCEPT_QUESTION = "\n### Question: Is the note above relevant with the concept '{concept}'?\n### Answer:"
+
+LABEL_INSTRUCTION = (
+    "You are a medical expert tasked with evaluating the presence of a disease in a patient's medical note. "
+    "Provide your answer in a clear Yes/No format, on a new line.\n"
+    "---\n"
+    "### Medical Note:\n"
+    "(M) "
+)
+LABEL_CONCEPTS_INTRO = (
+    "\nPreviously you were asked about the presence of some medical concepts in the note (M). The questions, "
+    "and your answers to each of them are provided below:\n"
+)
+LABEL_CONCEPT_LINE = "Question: Does the patient contain '{concept}'?\nAnswer: {answer}\n"
+LABEL_QUESTION = (
+    "Based on your own answers to the above questions, answer the following question regarding the presence of "
+    "a disease in the note (M).\n"
+    "---\n"
+    "### Question:\n"
+    "(Q) Based on the medical note (M), and your answers to the previous questions, does the patient contain "
+    "the disease '{description}'?\n"
+    "Answer the question above in a clear Yes/No format, on a new line.\n"
+    "---\n"
+    "### Output Format:\n"
+    "- Answer the question on a new line in the format:\n"
+    "'Yes' or 'No'\n"
+    "### Response:"
+)
+
+DIRECT_INSTRUCTION = (
+    "Below is a clinical note. Write a response that appropriately completes the request.\n"
+    "### Instruction: You will be asked whether a diagnosis or procedure applies to the following clinical note "
+    "or not. It will be given by its ICD code description. Write your answer in only one word and nothing else. "
+    "Your replying word should be 'yes' or 'no'. The question will be : Does the note above report the "
+    "diagnosis or procedure: {description}? You will be provided an actual description in place of "
+    "{description}.\n"
+    "### Clinical Note : "
+)
+DIRECT_QUESTION = "\n### Question: Does the note above report the diagnosis or procedure '{description}'?\n### Answer:"
+
+# answer spellings for the yes/no head (cec.heads.answer_token_ids turns them into token ids after a prompt)
+YES_ANSWERS = (" yes", "yes", " Yes", "Yes")
+NO_ANSWERS = (" no", "no", " No", "No")
+
+
+def concept_prefix(note: str) -> str:
+    return CONCEPT_INSTRUCTION + note
+
+
+def concept_question(concept: str) -> str:
+    return CONCEPT_QUESTION.format(concept=concept)
+
+
+def label_prefix(note: str) -> str:
+    return LABEL_INSTRUCTION + note
+
+
+def label_question(description: str, concept_answers: Sequence[tuple[str, bool]]) -> str:
+    """The Fig. 4 text after the note: the concept predictions ("Yes"/"No" each), then the code question."""
+    lines = "".join(LABEL_CONCEPT_LINE.format(concept=c, answer="Yes" if yes else "No")
+                    for c, yes in concept_answers)
+    return LABEL_CONCEPTS_INTRO + lines + LABEL_QUESTION.format(description=description)
+
+
+def direct_prefix(note: str) -> str:
+    return DIRECT_INSTRUCTION + note
+
+
+def direct_question(description: str) -> str:
+    return DIRECT_QUESTION.format(description=description)
+
+
+def prefix_for(stage: str, note: str) -> str:
+    return {"concept": concept_prefix, "label": label_prefix, "direct": direct_prefix}[stage](note)
+
+
+def encode(tokenizer, prefix: str, questions: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+    """(prefix ids with BOS, [question ids without BOS]); the model sees prefix_ids + question_ids[i]."""
+    return tokenizer.encode(prefix, add_bos=True), [tokenizer.encode(q, add_bos=False) for q in questions]
+
+
+def answer_ids(tokenizer, stage: str = "concept") -> tuple[list[int], list[int]]:
+    """(yes ids, no ids) of the answer spellings, read after a sample prompt of the stage the way the model
+    sees it (cec.heads.answer_token_ids)."""
+    from cec.heads import answer_token_ids
+
+    if stage == "label":
+        prompt = label_prefix("note") + label_question("disease", [("concept", True)])
+    elif stage == "direct":
+        prompt = direct_prefix("note") + direct_question("disease")
+    else:
+        prompt = concept_prefix("note") + concept_question("concept")
+    yes = answer_token_ids(tokenizer.encode, prompt, YES_ANSWERS)
+    no = answer_token_ids(tokenizer.encode, prompt, NO_ANSWERS)
+    return yes, no

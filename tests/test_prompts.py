@@ -1,0 +1,76 @@
+"""The prompts are the paper's text (Figs. 3 and 4), split into a shared prefix and per-question suffixes."""
+from cec import prompts
+from tiny_train import tiny_tokenizer
+
+FIG3 = """Below is a clinical note. Write a response that appropriately completes the request.
+### Instruction: You will be asked whether a medical concept is relevant with the following clinical note or not. \
+The concept will be a phrase of a few words. Write your answer in only one word and nothing else. Your replying \
+word should be 'yes' or 'no'. The question will be : Is the note above relevant with the concept: {concept}? \
+You will be provided an actual concept in place of {concept}.
+### Clinical Note : NOTE TEXT
+### Question: Is the note above relevant with the concept 'Ptosis'?
+### Answer:"""
+
+FIG4 = """You are a medical expert tasked with evaluating the presence of a disease in a patient's medical note. \
+Provide your answer in a clear Yes/No format, on a new line.
+---
+### Medical Note:
+(M) admission date ...
+Previously you were asked about the presence of some medical concepts in the note (M). The questions, and your \
+answers to each of them are provided below:
+Question: Does the patient contain 'Aspiration events'?
+Answer: No
+Question: Does the patient contain 'Ventilator management'?
+Answer: Yes
+Question: Does the patient contain 'Sedation and analgesia administration'?
+Answer: Yes
+Based on your own answers to the above questions, answer the following question regarding the presence of a \
+disease in the note (M).
+---
+### Question:
+(Q) Based on the medical note (M), and your answers to the previous questions, does the patient contain the \
+disease 'Continuous mechanical ventilation for less than 96 consecutive hours'?
+Answer the question above in a clear Yes/No format, on a new line.
+---
+### Output Format:
+- Answer the question on a new line in the format:
+'Yes' or 'No'
+### Response:"""
+
+
+def test_concept_prompt_is_figure_3():
+    assert prompts.concept_prefix("NOTE TEXT") + prompts.concept_question("Ptosis") == FIG3
+    assert prompts.prefix_for("concept", "x") == prompts.concept_prefix("x")
+
+
+def test_label_prompt_is_figure_4():
+    answers = [("Aspiration events", False), ("Ventilator management", True),
+               ("Sedation and analgesia administration", True)]
+    text = prompts.label_prefix("admission date ...") + prompts.label_question(
+        "Continuous mechanical ventilation for less than 96 consecutive hours", answers)
+    assert text == FIG4
+
+
+def test_direct_prompt_asks_about_the_description():
+    q = prompts.direct_question("Essential hypertension")
+    assert "'Essential hypertension'" in q and q.endswith("### Answer:")
+    assert prompts.direct_prefix("NOTE").endswith("### Clinical Note : NOTE")
+
+
+def test_encode_prefix_with_bos_questions_without():
+    tok = tiny_tokenizer()
+    prefix_ids, qs = prompts.encode(tok, prompts.concept_prefix("the patient has fever"),
+                                    [prompts.concept_question("fever"), prompts.concept_question("cough")])
+    assert prefix_ids[0] == tok.bos_id and prefix_ids.count(tok.bos_id) == 1
+    assert all(tok.bos_id not in q for q in qs) and len(qs) == 2
+    assert tok.decode(prefix_ids[1:] + qs[1]) == prompts.concept_prefix("the patient has fever") + \
+        prompts.concept_question("cough")
+
+
+def test_answer_ids_are_distinct_and_cover_every_spelling():
+    tok = tiny_tokenizer()
+    for stage in prompts.STAGES:
+        yes, no = prompts.answer_ids(tok, stage)
+        assert yes and no and not set(yes) & set(no)
+        assert len(yes) == len(prompts.YES_ANSWERS)  # the tiny vocabulary has a token for each spelling
+        assert tok.decode([yes[0]]) == " yes" and tok.decode([no[-1]]) == "No"

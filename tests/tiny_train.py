@@ -1,0 +1,80 @@
+"""Tiny, local stand-ins for the training tests: a byte-level BPE tokenizer, a tiny random model saved as an HF
+folder that cec.weights.load_model reads, a small concept set and a few notes."""
+from pathlib import Path
+
+import torch
+
+from cec.concepts import Concept, ConceptSet
+from cec.tokenizer import Tokenizer
+
+WORDS = ("yes no Yes No yes no Yes No the patient note has pain fever cough chest renal failure acute chronic "
+         "hypertension diabetes question answer concept relevant medical disease")
+
+
+def tiny_tokenizer() -> Tokenizer:
+    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<eos>", "<bos>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator([" yes no Yes No yes no Yes No"] * 200 + [WORDS] * 20, trainer)
+    return Tokenizer(backend, bos_id=2, eos_ids=[1], pad_id=0, source="tiny")
+
+
+def save_tiny_model(folder: Path, family: str = "gemma3", seed: int = 0, **over) -> Path:
+    """config.json + model.safetensors + tokenizer.json of a tiny random model of `family` (see hf_tiny)."""
+    from hf_tiny import hf_model
+
+    hf = hf_model(family, seed=seed, **over)
+    hf.config.bos_token_id, hf.config.eos_token_id, hf.config.pad_token_id = 2, 1, 0
+    hf.save_pretrained(folder)
+    tiny_tokenizer().save(folder)
+    return Path(folder)
+
+
+CODES = {  # code: (description, [parent concepts], [leaf concepts])
+    "A1": ("Acute renal failure", ["kidney injury", "creatinine rise"], ["oliguria", "dialysis started"]),
+    "B2": ("Chronic kidney disease", ["kidney injury", "long term dialysis"], ["stage four", "low filtration"]),
+    "C3": ("Essential hypertension", ["high blood pressure"], ["on lisinopril", "headache"]),
+    "D4": ("Type two diabetes", ["high glucose", "insulin"], ["metformin", "foot ulcer", "neuropathy"]),
+    "E5": ("Fever of unknown origin", ["fever"], ["night sweats", "chills"]),
+}
+
+
+def tiny_concept_set() -> ConceptSet:
+    texts: list[str] = []
+    parent_ids, leaf_ids = {}, {}
+    levels = {}
+    for code, (_, parents, leaves) in CODES.items():
+        for level, phrases, into in (("parent", parents, parent_ids), ("leaf", leaves, leaf_ids)):
+            ids = []
+            for p in phrases:
+                if p not in texts:
+                    texts.append(p)
+                    levels[p] = level
+                ids.append(texts.index(p))
+            into[code] = ids
+    concepts = [Concept(i, t, levels[t]) for i, t in enumerate(texts)]
+    return ConceptSet("tiny", "icd9cm", list(CODES), {c: v[0] for c, v in CODES.items()},
+                      {c: ("P" + c, "parent of " + c) for c in CODES}, concepts, parent_ids, leaf_ids)
+
+
+def tiny_notes(n: int = 6) -> list[dict]:
+    codes = list(CODES)
+    notes = []
+    for i in range(n):
+        labels = [codes[i % 5], codes[(i * 2 + 1) % 5]] if i % 3 else [codes[i % 5]]
+        text = f"patient {i} has " + " and ".join(CODES[c][0].lower() for c in labels) + ". fever cough."
+        notes.append({"id": f"n{i}", "text": text, "labels": list(dict.fromkeys(labels))})
+    return notes
+
+
+def random_lora_(model, seed: int = 0, scale: float = 0.05) -> None:
+    from cec.lora import lora_parameters
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
