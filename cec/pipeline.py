@@ -1,0 +1,192 @@
+"""CEC inference (paper Sec. 3.3-3.4): concept scores for a note, then one yes/no question per ICD code.
+
+Stage 1 asks the concept model one Fig. 3 question per concept of the set; concepts at or above the concept
+threshold are the predicted positives. Stage 2 asks the label model, for each code, the Fig. 4 question with
+k concepts of the code's own set (its highest-scoring ones, or a random sample) plus m predicted-negative
+concepts from outside it, each with its Yes/No answer. All questions of a stage share one cached note
+(cache.PrefixScorer). The two stages run two adapters over one copy of the base weights.
+
+A pipeline folder (what `infer.py --pipeline` takes and what training writes) holds `cec_pipeline.json`:
+    {"base_model", "concept_set", "concept_adapter", "label_adapter", "concept_threshold", "threshold",
+     "k", "m", "sampling", "max_note_tokens", "dev_metrics"}
+with the adapter paths relative to the folder.
+"""
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from cec import prompts
+from cec.cache import PrefixScorer, head_for
+from cec.errors import AdapterError, DataError
+from cec.model import Transformer
+
+PIPELINE_FILE = "cec_pipeline.json"
+RESOURCES = Path(__file__).resolve().parent / "resources"
+DEFAULT_PIPELINE = RESOURCES / "pipelines" / "gemma3-270m-codiesp-d50"
+
+
+@dataclass
+class PipelineConfig:
+    base_model: str = "gemma3-270m"
+    concept_set: str = "codiesp-d50"
+    concept_adapter: str | None = None  # folder, relative to the pipeline folder; None = the base model
+    label_adapter: str | None = None
+    concept_threshold: float = 0.5
+    threshold: float = 0.5  # code threshold, tuned on dev by micro-F1
+    k: int = 5  # concepts of the code's own set shown to the label model
+    m: int = 2  # predicted-negative concepts from outside the code's set
+    sampling: str = "top"  # "top": the code's highest-scoring concepts; "random": the paper's random sample
+    max_note_tokens: int = 3000  # longer notes are segmented by section (cec.segment) to this budget
+    seed: int = 0
+    dev_metrics: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> tuple["PipelineConfig", Path]:
+        folder = Path(folder)
+        path = folder / PIPELINE_FILE
+        if not path.is_file():
+            raise DataError(f"{folder}: not a pipeline folder (no {PIPELINE_FILE})")
+        try:
+            d = json.loads(path.read_text())
+            known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+            return cls(**known), folder
+        except (json.JSONDecodeError, TypeError) as e:
+            raise DataError(f"{path}: malformed ({e})") from None
+
+    def save(self, folder: str | Path) -> None:
+        from cec.io import atomic_write_json
+
+        atomic_write_json(Path(folder) / PIPELINE_FILE, asdict(self))
+
+
+def share_base(model: Transformer) -> Transformer:
+    """A second Transformer whose parameters are the same tensors as `model`'s (no copy of the weights)."""
+    with torch.device("meta"):
+        twin = Transformer(model.config)
+    twin.load_state_dict(model.state_dict(), assign=True)
+    twin.tie_weights()
+    return twin.eval()
+
+
+@dataclass
+class NoteResult:
+    note_id: str | None
+    codes: list[dict]
+    concept_probs: torch.Tensor
+    timing: dict
+
+    def to_json(self, note_text: str, code_system: str, threshold: float) -> dict:
+        return {"note": note_text, "code_system": code_system, "threshold": threshold, "codes": self.codes,
+                "timing": self.timing}
+
+
+class CECPipeline:
+    def __init__(self, model: Transformer, tokenizer, concept_set, config: PipelineConfig,
+                 concept_model: Transformer | None = None, label_model: Transformer | None = None,
+                 batch_tokens: int = 4096):
+        self.tokenizer, self.cs, self.config = tokenizer, concept_set, config
+        self.concept_model = concept_model or model
+        self.label_model = label_model or model
+        yes, no = prompts.answer_ids(tokenizer, "concept")
+        self.concept_scorer = PrefixScorer(self.concept_model, head_for(self.concept_model, yes, no),
+                                           batch_tokens=batch_tokens, pad_id=tokenizer.pad_id or 0)
+        yes, no = prompts.answer_ids(tokenizer, "label")
+        self.label_scorer = PrefixScorer(self.label_model, head_for(self.label_model, yes, no),
+                                         batch_tokens=batch_tokens, pad_id=tokenizer.pad_id or 0)
+        # concept questions do not depend on the note: tokenize them once
+        self.concept_questions = [tokenizer.encode(prompts.concept_question(c.text), add_bos=False)
+                                  for c in concept_set.concepts]
+
+    @classmethod
+    def load(cls, folder: str | Path | None = None, *, model=None, tokenizer=None, concept_set=None,
+             device="cpu", dtype=None, **overrides) -> "CECPipeline":
+        """A pipeline folder (default: the shipped Gemma 3 270M / CodiEsp-D50 one), with optional overrides of
+        its config fields (threshold, k, ...) and of its concept set."""
+        from cec.concepts import load_concept_set
+        from cec.lora import load_adapter
+        from cec.weights import load_model
+
+        folder = Path(folder) if folder else DEFAULT_PIPELINE
+        config, folder = PipelineConfig.load(folder)
+        for k, v in overrides.items():
+            if v is not None:
+                setattr(config, k, v)
+        if model is None:
+            model, tokenizer = load_model(config.base_model, device=device, dtype=dtype)
+        cs = concept_set or load_concept_set(config.concept_set)
+        concept_model, label_model = model, share_base(model)
+        for m, rel in ((concept_model, config.concept_adapter), (label_model, config.label_adapter)):
+            if rel:
+                _, meta = load_adapter(m, folder / rel, dtype=model.dtype)
+                want = meta.get("concept_set_codes")
+                if want and list(want) != list(cs.codes):
+                    raise AdapterError(f"{folder / rel}: adapter was trained for another code set than "
+                                       f"concept set {cs.name!r}")
+                m.eval()
+        return cls(model, tokenizer, cs, config, concept_model, label_model)
+
+    def _fit_note(self, text: str) -> str:
+        from cec.segment import segment_note
+
+        budget = self.config.max_note_tokens
+        count = lambda s: len(self.tokenizer.encode(s, add_bos=False))  # noqa: E731
+        if len(text) < budget:  # a token is at least one character: short notes fit
+            return text
+        fitted = segment_note(text, budget, count)
+        if fitted != text:
+            print(f"[cec] note longer than {budget} tokens: kept its most relevant sections", file=sys.stderr)
+        return fitted
+
+    @torch.no_grad()
+    def code_note(self, text: str, note_id: str | None = None) -> NoteResult:
+        if not text.strip():
+            raise DataError("the note is empty")
+        cfg, cs = self.config, self.cs
+        t0 = time.perf_counter()
+        text = self._fit_note(text)
+        # stage 1: every concept against the cached note
+        prefix = self.tokenizer.encode(prompts.concept_prefix(text), add_bos=True)
+        concept_p = torch.sigmoid(self.concept_scorer.score(prefix, self.concept_questions))
+        t1 = time.perf_counter()
+        positive = concept_p >= cfg.concept_threshold
+        negatives = [i for i in range(len(cs.concepts)) if not positive[i]]
+        # stage 2: one question per code, with the answers of k own concepts and m outside negatives
+        shown, questions = [], []
+        for code in cs.codes:
+            own = cs.concept_ids(code)
+            rng = random.Random(f"{cfg.seed}/{note_id or ''}/{code}")
+            if cfg.sampling == "random":
+                chosen = rng.sample(own, min(cfg.k, len(own)))
+            else:
+                chosen = sorted(own, key=lambda i: -float(concept_p[i]))[: cfg.k]
+            own_set = set(own)
+            outside = [i for i in negatives if i not in own_set]
+            chosen = chosen + rng.sample(outside, min(cfg.m, len(outside)))
+            rng.shuffle(chosen)
+            shown.append(chosen)
+            answers = [(cs.concepts[i].text, bool(positive[i])) for i in chosen]
+            questions.append(self.tokenizer.encode(prompts.label_question(cs.descriptions[code], answers),
+                                                   add_bos=False))
+        label_prefix = self.tokenizer.encode(prompts.label_prefix(text), add_bos=True)
+        code_p = torch.sigmoid(self.label_scorer.score(label_prefix, questions))
+        t2 = time.perf_counter()
+        codes = []
+        for j, code in enumerate(cs.codes):
+            p = float(code_p[j])
+            evidence = [{"concept": cs.concepts[i].text, "level": cs.concepts[i].level,
+                         "probability": round(float(concept_p[i]), 6)} for i in shown[j]]
+            evidence.sort(key=lambda e: -e["probability"])
+            codes.append({"code": code, "description": cs.descriptions[code], "probability": round(p, 6),
+                          "predicted": p >= cfg.threshold, "evidence": evidence})
+        codes.sort(key=lambda c: -c["probability"])
+        timing = {"prefix_tokens": len(prefix), "questions": len(self.concept_questions) + len(questions),
+                  "seconds": round(t2 - t0, 3), "concept_seconds": round(t1 - t0, 3),
+                  "label_seconds": round(t2 - t1, 3)}
+        return NoteResult(note_id, codes, concept_p, timing)
