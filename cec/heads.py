@@ -50,16 +50,21 @@ def _interpret() -> bool:
     return os.environ.get("CEC_TRITON_INTERPRET") == "1" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+_KERNEL = []  # the imported kernel function, or None where Triton is missing; empty until first asked
+
+
 def _kernel():
     """The Triton head, or None where Triton is missing. TRITON_INTERPRET must be set before the kernel module
     is imported for the interpreter to take CPU tensors, so CEC_TRITON_INTERPRET sets it first."""
-    if os.environ.get("CEC_TRITON_INTERPRET") == "1":
-        os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        from kernels.yesno_head import yes_no_head
-    except ImportError:
-        return None
-    return yes_no_head
+    if not _KERNEL:
+        if os.environ.get("CEC_TRITON_INTERPRET") == "1":
+            os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            from kernels.yesno_head import yes_no_head
+        except ImportError:
+            yes_no_head = None
+        _KERNEL.append(yes_no_head)
+    return _KERNEL[0]
 
 
 def use_kernel(hidden: Tensor, *weights: Tensor) -> bool:

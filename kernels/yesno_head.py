@@ -23,8 +23,9 @@ def _tanh(x):
 @triton.jit
 def _yes_no_kernel(
     x_ptr, w_ptr, rows_ptr, ids_ptr, out_ptr,
-    N, H, stride_xn, stride_row, n_yes, n_ids,
-    eps, norm_offset, softcap,
+    N, stride_xn, stride_row,
+    H: tl.constexpr, N_YES: tl.constexpr, N_IDS: tl.constexpr,  # constant per model and head: fewer
+    EPS: tl.constexpr, NORM_OFFSET: tl.constexpr, SOFTCAP_VALUE: tl.constexpr,  # runtime args, faster launch
     LLAMA_NORM: tl.constexpr, SOFTCAP: tl.constexpr,
     ROUND_NORM: tl.constexpr, ROUND_WEIGHT: tl.constexpr, ROUND_PROD: tl.constexpr, ROUND_LOGIT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -33,7 +34,7 @@ def _yes_no_kernel(
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
-    mask_k = offs_k < n_ids
+    mask_k = offs_k < N_IDS
     ids = tl.load(ids_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
     x_base = x_ptr + offs_n.to(tl.int64)[:, None] * stride_xn
     r_base = rows_ptr + ids[:, None] * stride_row
@@ -44,7 +45,7 @@ def _yes_no_kernel(
         x = tl.load(x_base + offs_h[None, :], mask=mask_n[:, None] & (offs_h[None, :] < H), other=0.0)
         x = x.to(tl.float32)
         sum_sq += tl.sum(x * x, axis=1)
-    rstd = 1.0 / tl.sqrt(sum_sq / H + eps)
+    rstd = 1.0 / tl.sqrt(sum_sq / H + EPS)
 
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for h0 in range(0, H, BLOCK_H):
@@ -52,7 +53,7 @@ def _yes_no_kernel(
         mask_h = offs_h < H
         x = tl.load(x_base + offs_h[None, :], mask=mask_n[:, None] & mask_h[None, :], other=0.0)
         x = x.to(tl.float32)
-        w = tl.load(w_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32) + norm_offset
+        w = tl.load(w_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32) + NORM_OFFSET
         normed = x * rstd[:, None]
         if LLAMA_NORM:  # cast to the input dtype, then times the weight in the weight's dtype
             if ROUND_NORM:
@@ -74,18 +75,18 @@ def _yes_no_kernel(
     if ROUND_LOGIT:
         logits = logits.to(rows_ptr.dtype.element_ty).to(tl.float32)
     if SOFTCAP:  # tanh(l / cap) * cap, rounded after each step like HF does in the model dtype
-        logits = logits / softcap
+        logits = logits / SOFTCAP_VALUE
         if ROUND_LOGIT:
             logits = logits.to(rows_ptr.dtype.element_ty).to(tl.float32)
         logits = _tanh(logits)
         if ROUND_LOGIT:
             logits = logits.to(rows_ptr.dtype.element_ty).to(tl.float32)
-        logits = logits * softcap
+        logits = logits * SOFTCAP_VALUE
         if ROUND_LOGIT:
             logits = logits.to(rows_ptr.dtype.element_ty).to(tl.float32)
 
-    is_yes = (offs_k < n_yes)[None, :]
-    is_no = ((offs_k >= n_yes) & mask_k)[None, :]
+    is_yes = (offs_k < N_YES)[None, :]
+    is_no = ((offs_k >= N_YES) & mask_k)[None, :]
     yes = tl.where(is_yes, logits, float("-inf"))
     no = tl.where(is_no, logits, float("-inf"))
     yes_max = tl.max(yes, axis=1)
@@ -121,8 +122,9 @@ def yes_no_head(hidden: torch.Tensor, norm_weight: torch.Tensor, out_weight: tor
     grid = (triton.cdiv(n, block_n),)
     _yes_no_kernel[grid](
         hidden, norm_weight, out_weight, ids, out,
-        n, h, hidden.stride(0), out_weight.stride(0), n_yes, n_ids,
-        eps, float(norm_offset), float(softcap or 0.0),
+        n, hidden.stride(0), out_weight.stride(0),
+        H=h, N_YES=n_yes, N_IDS=n_ids, EPS=float(eps), NORM_OFFSET=float(norm_offset),
+        SOFTCAP_VALUE=float(softcap or 0.0),
         LLAMA_NORM=llama_norm, SOFTCAP=bool(softcap),
         ROUND_NORM=hidden.dtype != torch.float32,
         ROUND_WEIGHT=bool(norm_offset) and norm_weight.dtype != torch.float32,

@@ -34,23 +34,32 @@ def full_vocab_scores(hidden, norm_weight, out_weight, yes, no, eps, offset, sof
 
 
 def time_ms(fn, device: str, iters: int, warmup: int = 3) -> float:
-    """Median wall time of one call in milliseconds (CUDA events on a GPU)."""
+    """Median time of one call in milliseconds: on CUDA the GPU time (triton's do_bench, which clears the L2
+    cache before each call and so hides the host's launch cost), on CPU the wall time."""
+    if device == "cuda":
+        from triton.testing import do_bench
+        return do_bench(fn, warmup=25, rep=max(iters, 20), return_mode="median")
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(iters):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def call_us(fn, calls: int = 200) -> float:
+    """Wall time per call of back-to-back calls, synchronized once at the end: the cost a caller sees when
+    the host, not the GPU, is the bottleneck (Python and the kernel launch)."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls * 1e6
 
 
 def peak_mb(fn, device: str) -> float | None:
@@ -73,7 +82,7 @@ def main(argv=None) -> dict:
     p.add_argument("--hidden", type=int, default=None, help="default 4096 on CUDA, 640 on CPU")
     p.add_argument("--rows", type=int, default=375, help="hidden rows scored per call (questions in a batch)")
     p.add_argument("--family", default=None, choices=list(FAMILIES), help="norm and cap flavour")
-    p.add_argument("--iters", type=int, default=None, help="timed calls (median reported)")
+    p.add_argument("--iters", type=int, default=None, help="timed calls on CPU; milliseconds of timing on CUDA")
     p.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     args = p.parse_args(argv)
 
@@ -113,7 +122,8 @@ def main(argv=None) -> dict:
         got, want = run_head(), run_full()
         results = {}
         for name, fn in (("head", run_head), ("head_gather", run_head_gather), ("full_vocab", run_full)):
-            results[name] = {"ms": round(time_ms(fn, device, iters), 4), "peak_mb": peak_mb(fn, device)}
+            results[name] = {"ms": round(time_ms(fn, device, iters), 4), "peak_mb": peak_mb(fn, device),
+                             "call_us": round(call_us(fn), 1) if cuda else None}
     flops_full = 2 * args.rows * hidden_size * vocab
     report = {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
@@ -125,6 +135,7 @@ def main(argv=None) -> dict:
         "iters": iters,
         **{f"{k}_ms": v["ms"] for k, v in results.items()},
         **({f"{k}_peak_mb": v["peak_mb"] for k, v in results.items()} if cuda else {}),
+        **({f"{k}_call_us": v["call_us"] for k, v in results.items()} if cuda else {}),
         "speedup_vs_full_vocab": round(results["full_vocab"]["ms"] / results["head"]["ms"], 2),
         "full_vocab_tflops": round(flops_full / (results["full_vocab"]["ms"] * 1e-3) / 1e12, 2),
         "head_gb_per_s": round((hidden.numel() * hidden.element_size() + head.rows.numel()
