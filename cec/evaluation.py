@@ -1,0 +1,535 @@
+"""Evaluation of CEC, its ablations and a baseline on a test split, thresholds tuned on dev (paper Tables 1-4).
+
+Systems (keys for `--systems`):
+    cec-k{K}   CEC, the label model shown K concepts of the code's own set + m outside negatives (Table 3)
+    leaf       CEC over a view of the concept set that keeps only each code's leaf-level concepts (Table 2)
+    direct     direct coding without fine-tuning: the base model, one direct yes/no question per code (Table 2)
+    direct-ft  the same with a direct-stage LoRA adapter (Table 2)
+    tfidf      TF-IDF + one-vs-rest logistic regression (cec.baselines), trained on --train
+
+Stage-1 concept probabilities do not depend on K: they are computed once per note and reused by every cec-k
+and by leaf; all their code questions are then scored against one cached label prefix (duplicates once).
+Every per-note score vector goes to an append-only JSONL cache keyed by the note (id + text hash) and by a
+fingerprint of what the system depends on (model, adapter bytes, prompts, k, ...), so a re-run resumes and a
+changed setup never reuses stale scores. Metrics are always computed from the cached vectors.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cec import prompts
+from cec.concepts import ConceptSet, load_concept_set
+from cec.errors import AdapterError, ConfigError, DataError
+from cec.metrics import evaluate, label_matrix, micro_f1, tune_threshold
+from cec.pipeline import DEFAULT_PIPELINE, PIPELINE_FILE, CECPipeline, PipelineConfig, share_base
+
+DEFAULT_KS = (3, 4, 5, 6)
+CONCEPTS = "concept-probs"  # the cache's name for stage-1 concept probabilities
+MACRO_F1_DEFINITION = "mean of per-label F1 (scikit-learn average='macro'); CAML's harmonic-mean variant is " \
+                      "macro_f1_caml in the JSON"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Systems
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class System:
+    key: str  # "cec-k5", "leaf", "direct", "direct-ft", "tfidf"
+    kind: str  # "cec", "leaf", "direct", "direct-ft", "tfidf"
+    k: int | None = None
+
+    def name(self, m: int) -> str:
+        return {"cec": f"CEC (C+ = {self.k}, C- = {m})", "leaf": f"Leaf concepts (C+ = {self.k}, C- = {m})",
+                "direct": "Direct coding w/o FT", "direct-ft": "Direct coding w. FT",
+                "tfidf": "TF-IDF + LR (one-vs-rest)"}[self.kind]
+
+
+def parse_systems(keys: list[str] | None, main_k: int, have_direct_adapter: bool, have_train: bool
+                  ) -> tuple[list[System], list[str]]:
+    """(systems, notes on systems left out). None = every system the inputs allow. leaf runs at main_k."""
+    notes = []
+    if keys is None:
+        keys = [f"cec-k{k}" for k in sorted(set(DEFAULT_KS) | {main_k})] + ["leaf", "direct"]
+        if have_direct_adapter:
+            keys.append("direct-ft")
+        else:
+            notes.append("direct-ft left out: no direct adapter (--direct-adapter, or direct_adapter in "
+                         f"{PIPELINE_FILE})")
+        if have_train:
+            keys.append("tfidf")
+        else:
+            notes.append("tfidf left out: no --train notes")
+    systems = []
+    for key in dict.fromkeys(keys):
+        m = re.fullmatch(r"cec-k(\d+)", key)
+        if m:
+            if int(m.group(1)) < 1:
+                raise ConfigError(f"system {key}: k must be at least 1")
+            systems.append(System(key, "cec", int(m.group(1))))
+        elif key == "leaf":
+            systems.append(System(key, "leaf", main_k))
+        elif key in ("direct", "direct-ft", "tfidf"):
+            if key == "direct-ft" and not have_direct_adapter:
+                raise ConfigError("system direct-ft needs a direct adapter (--direct-adapter, or direct_adapter "
+                                  f"in {PIPELINE_FILE})")
+            if key == "tfidf" and not have_train:
+                raise ConfigError("system tfidf needs --train notes")
+            systems.append(System(key, key))
+        else:
+            raise ConfigError(f"unknown system {key!r} (cec-kK, leaf, direct, direct-ft, tfidf)")
+    if not systems:
+        raise ConfigError("no systems to evaluate")
+    return systems, notes
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Setup: the pipeline config, adapter paths and the concept set
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class EvalSetup:
+    config: PipelineConfig
+    concept_set: ConceptSet
+    adapters: dict  # stage ("concept", "label", "direct") -> absolute adapter folder or None
+    adapter_hashes: dict  # stage -> sha256 of the adapter's files, or None
+
+
+def adapter_hash(folder: Path | None) -> str | None:
+    if folder is None:
+        return None
+    if not folder.is_dir():
+        raise AdapterError(f"adapter folder not found: {folder}")
+    h = hashlib.sha256()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        path = folder / name
+        if not path.is_file():
+            raise AdapterError(f"{folder}: no {name}")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def resolve_setup(pipeline: str | Path | None = None, *, model: str | None = None, concepts: str | None = None,
+                  concept_adapter: str | None = None, label_adapter: str | None = None,
+                  direct_adapter: str | None = None) -> EvalSetup:
+    """A pipeline folder (default: the shipped one) with flags overriding its fields; flag paths are relative to
+    the working directory, the folder's own adapter paths to the folder. `direct_adapter` may also come from an
+    optional key of the same name in cec_pipeline.json (PipelineConfig does not carry it)."""
+    folder = Path(pipeline) if pipeline else (None if model else DEFAULT_PIPELINE)
+    if folder is not None:
+        config, folder = PipelineConfig.load(folder)
+        raw = json.loads((folder / PIPELINE_FILE).read_text())
+        from_folder = {"concept": config.concept_adapter, "label": config.label_adapter,
+                       "direct": raw.get("direct_adapter")}
+        adapters = {stage: (folder / rel).resolve() if rel else None for stage, rel in from_folder.items()}
+    else:
+        config, adapters = PipelineConfig(), {"concept": None, "label": None, "direct": None}
+    if model:
+        config.base_model = model
+    if concepts:
+        config.concept_set = concepts
+    for stage, flag in (("concept", concept_adapter), ("label", label_adapter), ("direct", direct_adapter)):
+        if flag:
+            adapters[stage] = Path(flag).resolve()
+    if config.m < 0 or config.sampling not in ("top", "random"):
+        raise ConfigError(f"pipeline config: m={config.m}, sampling={config.sampling!r} (m >= 0; top or random)")
+    hashes = {stage: adapter_hash(path) for stage, path in adapters.items()}
+    return EvalSetup(config, load_concept_set(config.concept_set), adapters, hashes)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scoring: CECPipeline split into its stages
+# ---------------------------------------------------------------------------------------------------------
+def leaf_view(cs: ConceptSet) -> ConceptSet:
+    """The concept set with only each code's leaf-level concepts; concept ids unchanged, so stage-1 probabilities
+    of the full set index it directly."""
+    return ConceptSet(f"{cs.name}-leaf", cs.code_system, cs.codes, cs.descriptions, cs.parents, cs.concepts,
+                      {c: [] for c in cs.codes}, cs.leaf_ids, cs.build)
+
+
+def concept_probs(pipe: CECPipeline, text: str) -> torch.Tensor:
+    """Stage 1: P(yes) for every concept of the pipeline's set against the (already fitted) note."""
+    prefix = pipe.tokenizer.encode(prompts.concept_prefix(text), add_bos=True)
+    return torch.sigmoid(pipe.concept_scorer.score(prefix, pipe.concept_questions))
+
+
+def code_questions(pipe: CECPipeline, concept_p: torch.Tensor, note_id: str | None, k: int,
+                   concept_set: ConceptSet | None = None) -> list[list[int]]:
+    """Stage-2 question ids, one per code, as CECPipeline.code_note builds them: k of the code's own concepts
+    (top-scoring or a random sample) + m predicted negatives from the rest of the set's concepts, shuffled.
+    concept_set: a view of the pipeline's set (same concept ids), e.g. leaf_view; its concepts are the ones any
+    of its codes own."""
+    cfg, cs = pipe.config, concept_set or pipe.cs
+    positive = (concept_p >= cfg.concept_threshold).tolist()
+    universe = sorted({i for code in cs.codes for i in cs.concept_ids(code)})
+    negatives = [i for i in universe if not positive[i]]
+    out = []
+    for code in cs.codes:
+        own = cs.concept_ids(code)
+        rng = random.Random(f"{cfg.seed}/{note_id or ''}/{code}")
+        if cfg.sampling == "random":
+            chosen = rng.sample(own, min(k, len(own)))
+        else:
+            chosen = sorted(own, key=lambda i: -float(concept_p[i]))[:k]
+        own_set = set(own)
+        outside = [i for i in negatives if i not in own_set]
+        chosen = chosen + rng.sample(outside, min(cfg.m, len(outside)))
+        rng.shuffle(chosen)
+        answers = [(cs.concepts[i].text, positive[i]) for i in chosen]
+        out.append(pipe.tokenizer.encode(prompts.label_question(cs.descriptions[code], answers), add_bos=False))
+    return out
+
+
+def code_probs_many(pipe: CECPipeline, text: str, concept_p: torch.Tensor, note_id: str | None,
+                    variants: dict[str, tuple[int, ConceptSet | None]]) -> dict[str, torch.Tensor]:
+    """Stage 2 for several (k, concept-set view) variants at once: one label prefix prefilled, each distinct
+    question scored once. Returns variant name -> P(code) in code order."""
+    per_variant = {name: code_questions(pipe, concept_p, note_id, k, view) for name, (k, view) in variants.items()}
+    unique: dict[tuple, int] = {}
+    for questions in per_variant.values():
+        for q in questions:
+            unique.setdefault(tuple(q), len(unique))
+    prefix = pipe.tokenizer.encode(prompts.label_prefix(text), add_bos=True)
+    p = torch.sigmoid(pipe.label_scorer.score(prefix, [list(q) for q in unique]))
+    return {name: p[[unique[tuple(q)] for q in questions]] for name, questions in per_variant.items()}
+
+
+def code_probs(pipe: CECPipeline, text: str, concept_p: torch.Tensor, note_id: str | None = None,
+               k: int | None = None, concept_set: ConceptSet | None = None) -> torch.Tensor:
+    k = pipe.config.k if k is None else k
+    return code_probs_many(pipe, text, concept_p, note_id, {"p": (k, concept_set)})["p"]
+
+
+def direct_probs(scorer, tokenizer, text: str, questions: list[list[int]]) -> torch.Tensor:
+    """Direct coding: P(yes) of one direct question per code description against the note."""
+    prefix = tokenizer.encode(prompts.direct_prefix(text), add_bos=True)
+    return torch.sigmoid(scorer.score(prefix, questions))
+
+
+class Models:
+    """The base model loaded once; the concept, label and direct adapters each on a twin sharing its weights,
+    so the base model itself stays adapter-free for direct coding without fine-tuning."""
+
+    def __init__(self, setup: EvalSetup, device="cpu", dtype: torch.dtype | None = None, batch_tokens: int = 4096):
+        from cec.cache import PrefixScorer, head_for
+        from cec.lora import load_adapter
+        from cec.weights import load_model
+
+        cs = setup.concept_set
+        model, tokenizer = load_model(setup.config.base_model, device=device, dtype=dtype)
+
+        def adapted(stage):
+            path = setup.adapters[stage]
+            if path is None:
+                return model
+            twin = share_base(model)
+            _, meta = load_adapter(twin, path, dtype=model.dtype)
+            want = meta.get("concept_set_codes")
+            if want and list(want) != list(cs.codes):
+                raise AdapterError(f"{path}: adapter was trained for another code set than concept set {cs.name!r}")
+            return twin.eval()
+
+        self.pipe = CECPipeline(model, tokenizer, cs, setup.config, adapted("concept"), adapted("label"),
+                                batch_tokens=batch_tokens)
+        self.tokenizer = tokenizer
+        yes, no = prompts.answer_ids(tokenizer, "direct")
+        self.direct_scorers = {}
+        for key, stage_model in (("direct", model), ("direct-ft", adapted("direct") if setup.adapters["direct"]
+                                                      else None)):
+            if stage_model is not None:
+                self.direct_scorers[key] = PrefixScorer(stage_model, head_for(stage_model, yes, no),
+                                                        batch_tokens=batch_tokens, pad_id=tokenizer.pad_id or 0)
+        self.direct_questions = [tokenizer.encode(prompts.direct_question(cs.descriptions[c]), add_bos=False)
+                                 for c in cs.codes]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The score cache
+# ---------------------------------------------------------------------------------------------------------
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()[:16]
+
+
+def text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def fingerprints(setup: EvalSetup, systems: list[System], device, dtype) -> dict[str, str]:
+    """system key (and CONCEPTS) -> hash of everything its per-note scores depend on."""
+    from cec.weights import default_dtype
+
+    cfg, cs = setup.config, setup.concept_set
+    base = {"base_model": str(cfg.base_model), "dtype": str(dtype or default_dtype(device)),
+            "device": torch.device(device).type, "max_note_tokens": cfg.max_note_tokens}
+    descriptions = [(c, cs.descriptions[c]) for c in cs.codes]
+    answers = (prompts.YES_ANSWERS, prompts.NO_ANSWERS)
+    concept = {**base, "adapter": setup.adapter_hashes["concept"], "concepts": [c.text for c in cs.concepts],
+               "prompt": (prompts.CONCEPT_INSTRUCTION, prompts.CONCEPT_QUESTION), "answers": answers}
+    out = {CONCEPTS: _digest(concept)}
+    label = {"concept": out[CONCEPTS], "adapter": setup.adapter_hashes["label"], "descriptions": descriptions,
+             "prompt": (prompts.LABEL_INSTRUCTION, prompts.LABEL_CONCEPTS_INTRO, prompts.LABEL_CONCEPT_LINE,
+                        prompts.LABEL_QUESTION), "m": cfg.m, "sampling": cfg.sampling, "seed": cfg.seed,
+             "concept_threshold": cfg.concept_threshold}
+    direct = {**base, "descriptions": descriptions, "prompt": (prompts.DIRECT_INSTRUCTION, prompts.DIRECT_QUESTION),
+              "answers": answers}
+    for s in systems:
+        if s.kind in ("cec", "leaf"):
+            view = leaf_view(cs) if s.kind == "leaf" else cs
+            out[s.key] = _digest({**label, "k": s.k, "own": [view.concept_ids(c) for c in cs.codes]})
+        elif s.kind == "direct":
+            out[s.key] = _digest(direct)
+        elif s.kind == "direct-ft":
+            out[s.key] = _digest({**direct, "adapter": setup.adapter_hashes["direct"]})
+    return out
+
+
+class ScoreCache:
+    """Append-only JSONL of {"system", "key", "id", "text", "scores"}: one score vector per note and system.
+
+    A torn last line (a run killed mid-write) is skipped; a later append starts on a fresh line."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.index: dict[tuple, list[float]] = {}
+        self.skipped = 0
+        if self.path.is_file():
+            with open(self.path, "rb") as f:
+                for line in f:
+                    try:
+                        r = json.loads(line)
+                        self.index[(r["system"], r["key"], r["id"], r["text"])] = r["scores"]
+                    except (ValueError, KeyError, TypeError):
+                        self.skipped += 1
+        self._file = None
+
+    def get(self, system: str, key: str, note: dict) -> list[float] | None:
+        return self.index.get((system, key, note["id"], text_hash(note["text"])))
+
+    def put(self, system: str, key: str, note: dict, scores) -> list[float]:
+        scores = [float(x) for x in (scores.tolist() if hasattr(scores, "tolist") else scores)]
+        record = {"system": system, "key": key, "id": note["id"], "text": text_hash(note["text"]), "scores": scores}
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            torn = False
+            if self.path.is_file() and self.path.stat().st_size > 0:
+                with open(self.path, "rb") as f:
+                    f.seek(-1, 2)
+                    torn = f.read(1) != b"\n"
+            self._file = open(self.path, "a", encoding="utf-8")
+            if torn:
+                self._file.write("\n")
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.index[(system, key, record["id"], record["text"])] = scores
+        return scores
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def default_cache_path(json_path: str | Path) -> Path:
+    json_path = Path(json_path)
+    return json_path.with_name(json_path.stem + ".scores.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The evaluation run
+# ---------------------------------------------------------------------------------------------------------
+class Evaluator:
+    def __init__(self, setup: EvalSetup, systems: list[System], cache: ScoreCache, device="cpu",
+                 dtype: torch.dtype | None = None, batch_tokens: int = 4096):
+        self.setup, self.cache = setup, cache
+        self.llm_systems = [s for s in systems if s.kind != "tfidf"]
+        self.device, self.dtype, self.batch_tokens = device, dtype, batch_tokens
+        self.keys = fingerprints(setup, systems, device, dtype)
+        self.models: Models | None = None  # loaded only when a score is missing from the cache
+        self.timing = {"notes_computed": 0, "concept_s": 0.0, "label_s": 0.0, "direct_s": 0.0}
+
+    def scores(self, notes: list[dict], desc: str) -> dict[str, np.ndarray]:
+        """system key -> [len(notes), codes] scores, computed where the cache lacks them."""
+        for note in tqdm(notes, desc=desc, unit="note", dynamic_ncols=True):
+            missing = [s for s in self.llm_systems if self.cache.get(s.key, self.keys[s.key], note) is None]
+            if missing:
+                self._compute(note, missing)
+                self.cache.flush()
+        return {s.key: np.array([self.cache.get(s.key, self.keys[s.key], n) for n in notes], dtype=np.float64)
+                .reshape(len(notes), len(self.setup.concept_set.codes)) for s in self.llm_systems}
+
+    @torch.no_grad()
+    def _compute(self, note: dict, missing: list[System]) -> None:
+        if self.models is None:
+            self.models = Models(self.setup, self.device, self.dtype, self.batch_tokens)
+        pipe, keys, cache = self.models.pipe, self.keys, self.cache
+        text = pipe._fit_note(note["text"])
+        self.timing["notes_computed"] += 1
+        staged = [s for s in missing if s.kind in ("cec", "leaf")]
+        if staged:
+            t0 = time.perf_counter()
+            cp = cache.get(CONCEPTS, keys[CONCEPTS], note)
+            if cp is None:
+                cp = cache.put(CONCEPTS, keys[CONCEPTS], note, concept_probs(pipe, text))
+            cp = torch.tensor(cp, dtype=torch.float32)
+            t1 = time.perf_counter()
+            leaf = leaf_view(pipe.cs)
+            variants = {s.key: (s.k, leaf if s.kind == "leaf" else None) for s in staged}
+            for key, p in code_probs_many(pipe, text, cp, note["id"], variants).items():
+                cache.put(key, keys[key], note, p)
+            self.timing["concept_s"] += t1 - t0
+            self.timing["label_s"] += time.perf_counter() - t1
+        for s in missing:
+            if s.kind in ("direct", "direct-ft"):
+                t0 = time.perf_counter()
+                p = direct_probs(self.models.direct_scorers[s.key], self.models.tokenizer, text,
+                                 self.models.direct_questions)
+                cache.put(s.key, keys[s.key], note, p)
+                self.timing["direct_s"] += time.perf_counter() - t0
+
+
+def _labels(notes: list[dict], codes: list[str], where: str) -> np.ndarray:
+    try:
+        return label_matrix([n["labels"] for n in notes], codes)
+    except DataError as e:
+        raise DataError(f"{where}: {e} of the concept set") from None
+
+
+def tfidf_scores(train: list[dict], dev: list[dict], test: list[dict], codes: list[str], cache: ScoreCache
+                 ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(dev scores, test scores, info) of the TF-IDF baseline, from the cache when this exact train/dev/test
+    setup was run before."""
+    from cec.baselines import tfidf_logreg
+
+    key = _digest({"train": [(n["id"], text_hash(n["text"]), n["labels"]) for n in train],
+                   "dev": [(n["id"], text_hash(n["text"]), n["labels"]) for n in dev], "codes": codes})
+    info_note = {"id": "tfidf", "text": key}  # the chosen C, stored as a one-number record
+    cached = [cache.get("tfidf", key, n) for n in dev + test]
+    info = cache.get("tfidf-info", key, info_note)
+    if all(c is not None for c in cached) and info is not None:
+        return np.array(cached[: len(dev)]), np.array(cached[len(dev):]), {"C": info[0]}
+    result = tfidf_logreg(train, dev, test, codes)
+    for n, s in zip(dev, result.dev_scores):
+        cache.put("tfidf", key, n, s)
+    for n, s in zip(test, result.test_scores):
+        cache.put("tfidf", key, n, s)
+    cache.put("tfidf-info", key, info_note, [result.C])
+    cache.flush()
+    return (np.array([cache.get("tfidf", key, n) for n in dev]), np.array([cache.get("tfidf", key, n) for n in test]),
+            {"C": result.C})
+
+
+def system_metrics(y_dev: np.ndarray, dev_scores: np.ndarray, y_test: np.ndarray, test_scores: np.ndarray) -> dict:
+    """Threshold tuned on dev by micro-F1 (metrics.tune_threshold), then every metric on test at it."""
+    threshold = tune_threshold(y_dev, dev_scores)
+    out = evaluate(y_test, test_scores, threshold)
+    out["dev_micro_f1"] = micro_f1(y_dev, dev_scores.astype(np.float64) >= threshold)
+    return out
+
+
+def run_evaluation(setup: EvalSetup, systems: list[System], test: list[dict], dev: list[dict],
+                   train: list[dict] | None, cache_path: str | Path, *, device="cpu",
+                   dtype: torch.dtype | None = None, batch_tokens: int = 4096, sources: dict | None = None) -> dict:
+    """Score every system on dev and test (resuming from the cache), tune thresholds on dev, evaluate on test.
+    Returns the JSON payload: {"setup": {...}, "systems": [{system, name, micro_f1, macro_f1, ...}]}."""
+    if not test:
+        raise DataError("no test notes")
+    if not dev:
+        raise DataError("no dev notes (thresholds are tuned on dev)")
+    codes = setup.concept_set.codes
+    y_test, y_dev = _labels(test, codes, "test notes"), _labels(dev, codes, "dev notes")
+    if any(s.kind == "tfidf" for s in systems):
+        _labels(train or [], codes, "train notes")  # fail before hours of scoring, not after
+    t0 = time.perf_counter()
+    cache = ScoreCache(cache_path)
+    try:
+        evaluator = Evaluator(setup, systems, cache, device, dtype, batch_tokens)
+        dev_scores = evaluator.scores(dev, "dev") if evaluator.llm_systems else {}
+        test_scores = evaluator.scores(test, "test") if evaluator.llm_systems else {}
+        extra = {}
+        if any(s.kind == "tfidf" for s in systems):
+            dev_scores["tfidf"], test_scores["tfidf"], extra["tfidf"] = tfidf_scores(train, dev, test, codes, cache)
+    finally:
+        cache.close()
+    cfg = setup.config
+    results = []
+    for s in systems:
+        r = {"system": s.key, "name": s.name(cfg.m), "k": s.k, "m": cfg.m if s.kind in ("cec", "leaf") else None}
+        r.update(system_metrics(y_dev, dev_scores[s.key], y_test, test_scores[s.key]))
+        r.update(extra.get(s.key, {}))
+        results.append({k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()})
+    payload_setup = {
+        **(sources or {}), "test_notes": len(test), "dev_notes": len(dev), "train_notes": len(train or []),
+        "codes": len(codes), "codes_with_test_positives": int((y_test.sum(0) > 0).sum()),
+        "codes_with_dev_positives": int((y_dev.sum(0) > 0).sum()),
+        "base_model": str(cfg.base_model), "concept_set": str(cfg.concept_set),
+        "adapters": {k: (str(v) if v else None) for k, v in setup.adapters.items()},
+        "main_k": cfg.k, "m": cfg.m, "sampling": cfg.sampling, "concept_threshold": cfg.concept_threshold,
+        "device": str(device), "dtype": str(dtype) if dtype else None,
+        "macro_f1_definition": MACRO_F1_DEFINITION,
+        "threshold_rule": "tuned on dev by micro-F1 over 0.01..0.99 (step 0.01), applied to test",
+        "cache": str(cache_path), "seconds": round(time.perf_counter() - t0, 3),
+        "timing": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in evaluator.timing.items()},
+    }
+    return {"setup": payload_setup, "systems": results}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The Markdown tables (layout of the paper's Tables 1-3; AUC as in Table 4)
+# ---------------------------------------------------------------------------------------------------------
+COLUMNS = ("macro_auc", "micro_auc", "macro_f1", "micro_f1", "p_at_5", "threshold")
+
+
+def _cell(v) -> str:
+    return "—" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"
+
+
+def _table(rows: list[tuple[str, dict]]) -> str:
+    lines = ["| Models | AUC Macro | AUC Micro | F1 Macro | F1 Micro | P@5 | Threshold |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["| " + " | ".join([label] + [_cell(r.get(c)) for c in COLUMNS]) + " |" for label, r in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(payload: dict, title: str | None = None) -> str:
+    st, by_key = payload["setup"], {r["system"]: r for r in payload["systems"]}
+    model = Path(st["base_model"]).name
+    main = by_key.get(f"cec-k{st['main_k']}")
+    skipped = sorted({r["auc_labels_skipped"] for r in payload["systems"]})
+    out = [f"# {title or 'Evaluation'}", "",
+           f"Test: {st.get('test', 'test')} ({st['test_notes']} notes, {st['codes']} codes, "
+           f"{st['codes_with_test_positives']} with a positive). Thresholds tuned on dev: {st.get('dev', 'dev')} "
+           f"({st['dev_notes']} notes) by micro-F1 over 0.01..0.99, then applied to test. "
+           f"Model: {model}; concept set: {Path(st['concept_set']).name}; CEC rows show C+ own concepts and "
+           f"C- = {st['m']} outside negatives ({st['sampling']} sampling, concept threshold "
+           f"{st['concept_threshold']}).", "",
+           f"F1 Macro = {st['macro_f1_definition'].split(';')[0]}. AUC Macro skips labels without both classes "
+           f"in test ({', '.join(map(str, skipped))} skipped). P@5 as CAML computes it.", ""]
+    sections = []
+    main_rows = ([("TF-IDF + LR (one-vs-rest)", by_key["tfidf"])] if "tfidf" in by_key else []) + \
+                ([(f"CEC - {model} (C+ = {st['main_k']})", main)] if main else [])
+    sections.append(("Main results (Table 1 layout)", main_rows))
+    ablation = [(name, by_key[key]) for key, name in (("direct", "Direct coding w/o FT"),
+                                                      ("direct-ft", "Direct coding w. FT"),
+                                                      ("leaf", "Leaf concepts"))
+                if key in by_key] + ([("CEC", main)] if main else [])
+    sections.append(("Ablations (Table 2 layout; AUC as Table 4)", ablation))
+    ks = sorted((r for r in payload["systems"] if r["system"].startswith("cec-k")), key=lambda r: -r["k"])
+    sections.append(("Number of concepts (Table 3 layout)", [(f"C+ = {r['k']}, C- = {r['m']}", r) for r in ks]))
+    for heading, rows in sections:
+        if rows:
+            out += [f"## {heading}", "", _table(rows), ""]
+    return "\n".join(out)
+
