@@ -102,7 +102,9 @@ class YesNoHead:
         _check_ids(yes_ids, no_ids, out_weight.shape[0])
         self.yes_ids, self.no_ids = yes_ids, no_ids
         self.norm_weight = norm_weight
-        self.rows = out_weight[yes_ids + no_ids].contiguous()  # a copy: follows out_weight only if re-made
+        # a detached copy: it follows out_weight only if the head is re-made, and training (hidden with
+        # gradients, frozen output rows) can backward through many steps without re-gathering
+        self.rows = out_weight.detach()[yes_ids + no_ids].contiguous()
         self.row_ids = torch.arange(len(yes_ids) + len(no_ids), dtype=torch.int32, device=out_weight.device)
         self.eps, self.norm_offset, self.softcap, self.llama_norm = eps, norm_offset, softcap, llama_norm
 

@@ -135,9 +135,13 @@ def test_kernel_strided_rows_and_head_class():
 def test_training_path_has_gradients():
     hidden, w, out = make(4, 64)
     hidden.requires_grad_(True)
+    out.requires_grad_(True)  # a model's parameter: the head keeps a detached copy of its rows
     head = YesNoHead(w, out, [1], [2], eps=1e-6, norm_offset=0.0, softcap=None, llama_norm=True)
-    head.scores(hidden).sum().backward()  # the kernel has no backward: dispatch takes the reference
+    for _ in range(2):  # steps of a training loop, each with its own backward
+        head.scores(hidden).sum().backward()  # the kernel has no backward: dispatch takes the reference
     assert hidden.grad is not None and hidden.grad.abs().sum() > 0
+    want = torch.func.grad(lambda x: naive_scores(x, w, out.detach(), [1], [2], 1e-6, 0.0, None, True).sum())
+    torch.testing.assert_close(hidden.grad, 2 * want(hidden.detach()), atol=1e-5, rtol=1e-4)
 
 
 def test_bad_ids_are_user_errors():
