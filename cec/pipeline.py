@@ -7,7 +7,7 @@ concepts from outside it, each with its Yes/No answer. All questions of a stage 
 (cache.PrefixScorer). The two stages run two adapters over one copy of the base weights.
 
 A pipeline folder (what `infer.py --pipeline` takes and what training writes) holds `cec_pipeline.json`:
-    {"base_model", "concept_set", "concept_adapter", "label_adapter", "concept_threshold", "threshold",
+    {"base_model", "concept_set", "concept_adapter", "label_adapter", "direct_adapter", "concept_threshold", "threshold",
      "k", "m", "sampling", "max_note_tokens", "dev_metrics"}
 with the adapter paths relative to the folder.
 """
@@ -38,6 +38,7 @@ class PipelineConfig:
     concept_set: str = "codiesp-d50"
     concept_adapter: str | None = None  # folder, relative to the pipeline folder; None = the base model
     label_adapter: str | None = None
+    direct_adapter: str | None = None  # the direct-coding baseline (scripts/evaluate.py), not used by CEC
     concept_threshold: float = 0.5
     threshold: float = 0.5  # code threshold, tuned on dev by micro-F1
     k: int = 5  # concepts of the code's own set shown to the label model

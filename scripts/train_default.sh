@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The recipe of the shipped default pipeline (Gemma 3 270M, CodiEsp-D50): train the concept, label and direct
+# adapters, write the pipeline folder, tune the code threshold on the first half of dev and report the second.
+#   scripts/train_default.sh MODEL DATA_DIR OUT_DIR     (DATA_DIR from scripts/prepare_codiesp.py)
+# Step counts and the device come from the environment: CONCEPT_STEPS, LABEL_STEPS, DIRECT_STEPS, DEVICE, PY.
+set -euo pipefail
+MODEL=$1 DATA=$2 OUT=$3
+PY=${PY:-python}
+DEVICE=${DEVICE:-cuda}
+CONCEPT_STEPS=${CONCEPT_STEPS:-500} LABEL_STEPS=${LABEL_STEPS:-600} DIRECT_STEPS=${DIRECT_STEPS:-200}
+DEV_HALF=${DEV_HALF:-125}
+mkdir -p "$OUT"
+common=(--data "$DATA/train.jsonl" --dev "$DATA/dev.jsonl" --concepts codiesp-d50 --model "$MODEL"
+        --device "$DEVICE" --save-dtype bfloat16 --no-progress --eval-every 0 --dev-notes 32 --save-every 100)
+$PY train.py --stage concept "${common[@]}" --steps "$CONCEPT_STEPS" --out "$OUT/concept"
+$PY train.py --stage label "${common[@]}" --steps "$LABEL_STEPS" --out "$OUT/label"
+$PY train.py --stage direct "${common[@]}" --steps "$DIRECT_STEPS" --out "$OUT/direct"
+$PY - "$OUT" "$MODEL" <<'PYEOF'
+import sys
+from cec.pipeline import PipelineConfig
+out, model = sys.argv[1], sys.argv[2]
+PipelineConfig(base_model=model, concept_adapter="concept", label_adapter="label", direct_adapter="direct").save(out)
+PYEOF
+head -n "$DEV_HALF" "$DATA/dev.jsonl" > "$OUT/dev_tune.jsonl"
+tail -n +"$((DEV_HALF + 1))" "$DATA/dev.jsonl" > "$OUT/dev_report.jsonl"
+$PY scripts/evaluate.py --pipeline "$OUT" --train "$DATA/train.jsonl" --dev "$OUT/dev_tune.jsonl" \
+    --test "$OUT/dev_report.jsonl" --device "$DEVICE" --out "$OUT/results.md" --json "$OUT/results.json" \
+    --title "CodiEsp-D50: thresholds tuned on dev[:$DEV_HALF], reported on dev[$DEV_HALF:]"
