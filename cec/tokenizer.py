@@ -148,7 +148,7 @@ class Tokenizer:
     def from_gguf_metadata(cls, meta: dict) -> "Tokenizer":
         """From a GGUF's metadata (key -> Python value, as cec.weights.gguf_metadata returns)."""
         backend = build_gguf_backend(meta)
-        tokens = meta["tokenizer.ggml.tokens"]
+        tokens = meta["tokenizer.ggml.tokens"]  # present: build_gguf_backend checked
 
         def special(key):
             i = meta.get(f"tokenizer.ggml.{key}")
@@ -249,6 +249,8 @@ def build_gguf_backend(meta: dict):
 
     kind = meta.get("tokenizer.ggml.model")
     arch = meta.get("general.architecture", "")
+    if not meta.get("tokenizer.ggml.tokens"):
+        raise TokenizerError("GGUF file has no vocabulary (tokenizer.ggml.tokens)")
     tokens = list(meta["tokenizer.ggml.tokens"])
     types = list(meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
     if kind == "llama":

@@ -47,8 +47,6 @@ def default_dtype(device) -> torch.dtype:
 
 def load_model(name_or_path: str | Path = DEFAULT_MODEL, *, device="cpu", dtype: torch.dtype | None = None):
     """(Transformer in eval mode, Tokenizer) from an embedded name, an HF folder, a .gguf file or a hub repo id."""
-    from cec.model import Transformer  # noqa: F401  (imported here so tokenizer-only users skip it)
-
     t0 = time.perf_counter()
     folder = resolve(name_or_path)
     model = load_hf_folder(folder, device=device, dtype=dtype)
@@ -128,16 +126,15 @@ def _embedded(name: str) -> Path:
 def _hub_snapshot(repo_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                            RepositoryNotFoundError)
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
     except ImportError:
         raise WeightsError(f"{repo_id!r} looks like a hub repo id, but huggingface-hub is not installed") from None
     try:
         folder = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
     except (RepositoryNotFoundError, GatedRepoError) as e:
         raise WeightsError(f"hub repo {repo_id!r} not found or not accessible: {type(e).__name__}") from None
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
-        try:  # offline: the local HF cache may still hold a snapshot
+    except Exception as e:  # network down, offline mode, proxy...: the local HF cache may still hold a snapshot
+        try:
             folder = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=True))
         except Exception:
             raise WeightsError(f"cannot download {repo_id!r} (offline? {type(e).__name__}) and it is not in "
@@ -298,8 +295,9 @@ def _f32(x) -> float:
     return float(str(np.float32(x)))
 
 
-def gguf_config(meta: dict, tensor_shapes: dict[str, tuple]) -> dict:
-    """An HF config.json dict from GGUF metadata (and the tensor shapes, for vocab size and tying)."""
+def gguf_config(meta: dict, tensor_shapes: dict[str, tuple], rope_freqs: np.ndarray | None = None) -> dict:
+    """An HF config.json dict from GGUF metadata, the tensor shapes (vocab size, tying) and, for Llama 3.1+,
+    the rope_freqs tensor (llama.cpp's form of the llama3 RoPE scaling)."""
     arch = meta.get("general.architecture")
     if arch not in GGUF_ARCHS:
         raise ConfigError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(GGUF_ARCHS)}")
@@ -340,10 +338,9 @@ def gguf_config(meta: dict, tensor_shapes: dict[str, tuple]) -> dict:
     }
     if arch == "llama":
         cfg["hidden_act"] = "silu"
-        scaling = _gguf_rope_scaling(meta, arch)
-        if "rope_freqs.weight" in tensor_shapes:
-            scaling = {"rope_type": "llama3", "_rope_freqs": True}  # filled in from the tensor by the converter
-        cfg["rope_scaling"] = scaling
+        cfg["rope_scaling"] = _gguf_rope_scaling(meta, arch)
+        if rope_freqs is not None:
+            cfg["rope_scaling"] = _llama3_scaling_from_freqs(rope_freqs, head_dim, cfg["rope_theta"])
         return cfg
     cfg["hidden_activation"] = "gelu_pytorch_tanh"
     if arch == "gemma":
@@ -453,15 +450,13 @@ def convert_gguf(gguf_path: str | Path, out: Path, source: str = "") -> Path:
         raise WeightsError(f"cannot read GGUF file {gguf_path}: {e}") from None
     meta = gguf_metadata(reader)
     arch = meta.get("general.architecture")
-    shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
-    config = gguf_config(meta, shapes)
+    tensors = {t.name: t for t in reader.tensors}
+    shapes = {name: tuple(int(d) for d in reversed(t.shape.tolist())) for name, t in tensors.items()}
+    freqs = _dequantize(tensors["rope_freqs.weight"]) if "rope_freqs.weight" in tensors else None
+    config = gguf_config(meta, shapes, freqs)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        tensors = {t.name: t for t in reader.tensors}
-        if (config.get("rope_scaling") or {}).get("_rope_freqs"):
-            freqs = _dequantize(tensors["rope_freqs.weight"])
-            config["rope_scaling"] = _llama3_scaling_from_freqs(freqs, config["head_dim"], config["rope_theta"])
         names = {}
         for t in reader.tensors:
             hf = gguf_to_hf_name(t.name, arch)
@@ -479,7 +474,10 @@ def convert_gguf(gguf_path: str | Path, out: Path, source: str = "") -> Path:
         tok.save(tmp, tokenizer_class=cls)
         atomic_write_text(tmp / "cec_source.json", json.dumps({"source": source, "format": CACHE_FORMAT,
                                                                "gguf": str(gguf_path)}) + "\n")
-        if out.exists():  # a stale or foreign cache: replace it
+        if _cache_ok(out, source):  # another process finished the same conversion first
+            shutil.rmtree(tmp)
+            return out
+        if out.exists():  # a stale cache (older format or another source): replace it
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:

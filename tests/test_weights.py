@@ -375,3 +375,31 @@ def test_gguf_metadata_that_does_not_match_its_tensors(tmp_path):
     leftovers = list((tmp_path / "cec_cache").iterdir()) if (tmp_path / "cec_cache").exists() else []
     assert not leftovers, leftovers
     shutil.rmtree(tmp_path / "cec_cache", ignore_errors=True)
+
+
+def test_truncated_gguf_and_gguf_without_vocabulary(tmp_path):
+    import gguf
+
+    from cec.errors import TokenizerError
+
+    hf = hf_model("llama")
+    path = write_gguf(hf, "llama", tmp_path / "full.gguf", quantize=False)
+    data = path.read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(WeightsError, match="cannot read GGUF file"):
+        resolve(tmp_path / "cut.gguf")
+
+    reader = gguf.GGUFReader(path)  # the same model, its vocabulary left out
+    w = gguf.GGUFWriter(str(tmp_path / "novocab.gguf"), "llama")
+    for key, field in reader.fields.items():
+        if key.startswith("llama.") and len(field.types) == 1:
+            vtype = field.types[0]
+            w.add_key_value(key, field.contents(), vtype)
+    for t in reader.tensors:
+        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(TokenizerError, match="no vocabulary"):
+        resolve(tmp_path / "novocab.gguf")
