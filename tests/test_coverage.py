@@ -4,7 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from cec.concepts import Concept, ConceptSet
 
@@ -18,7 +17,8 @@ def toy_set() -> ConceptSet:
                 Concept(2, "kidney stones", "parent"), Concept(3, "ureteral colic", "leaf")]
     return ConceptSet("toy", "icd10cm", ["I21.9", "N20.0"],
                       {"I21.9": "Acute myocardial infarction, unspecified", "N20.0": "Calculus of kidney"},
-                      {"I21.9": ("I21", "Acute myocardial infarction"), "N20.0": ("N20", "Calculus of kidney and ureter")},
+                      {"I21.9": ("I21", "Acute myocardial infarction"),
+                       "N20.0": ("N20", "Calculus of kidney and ureter")},
                       concepts, {"I21.9": [0], "N20.0": [2]}, {"I21.9": [1], "N20.0": [3]})
 
 
