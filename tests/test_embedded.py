@@ -53,9 +53,9 @@ def hf_reference():
     pytest.importorskip("accelerate", reason="transformers needs accelerate to read a GGUF file")
     from transformers import AutoModelForCausalLM
 
-    from cec.weights import _embedded_gguf_path
+    from cec.weights import embedded_gguf_path
 
-    path = Path(_embedded_gguf_path("gemma3-270m"))
+    path = Path(embedded_gguf_path("gemma3-270m"))
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     return model.eval()
 

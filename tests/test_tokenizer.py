@@ -204,9 +204,9 @@ def test_embedded_gemma3_gguf_tokenizer_matches_transformers():
 
     from transformers import AutoTokenizer
 
-    from cec.weights import _embedded_gguf_path, resolve
+    from cec.weights import embedded_gguf_path, resolve
 
-    gguf_path = Path(_embedded_gguf_path("gemma3-270m"))
+    gguf_path = Path(embedded_gguf_path("gemma3-270m"))
     ours = Tokenizer.from_folder(resolve("gemma3-270m"))
     hf = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     assert (ours.bos_id, ours.eos_ids, ours.pad_id) == (2, [1], 0)

@@ -154,7 +154,7 @@ def test_hub_repo_offline_and_not_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(WeightsError, match="cannot download 'nobody/no-such-model'.*not in the Hugging Face cache"):
+    with pytest.raises(WeightsError, match="'nobody/no-such-model' is no local path, cannot be downloaded.*not in the Hugging Face cache"):
         resolve("nobody/no-such-model")
 
 
