@@ -19,6 +19,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -460,7 +461,7 @@ class Trainer:
                     if metrics:
                         self._write_log(metrics)
                     if bar is not None:
-                        bar.write(json.dumps(metrics))
+                        bar.write(json.dumps(metrics), file=sys.stderr)
                 if cfg.save_every and self.step % cfg.save_every == 0:
                     self.save_checkpoint()
                     saved_at = self.step

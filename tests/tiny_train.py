@@ -11,26 +11,35 @@ WORDS = ("yes no Yes No yes no Yes No the patient note has pain fever cough ches
          "hypertension diabetes question answer concept relevant medical disease")
 
 
-def tiny_tokenizer() -> Tokenizer:
+def tiny_tokenizer(vocab_size: int = 300) -> Tokenizer:
+    """Byte-level BPE; with a larger vocabulary it learns the prompt templates, so tiny-model runs stay short."""
     from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
+
+    from cec import prompts
 
     backend = Backend(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<eos>", "<bos>"], show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>", "<bos>"], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator([" yes no Yes No yes no Yes No"] * 200 + [WORDS] * 20, trainer)
+    templates = [prompts.CONCEPT_INSTRUCTION, prompts.CONCEPT_QUESTION, prompts.LABEL_INSTRUCTION,
+                 prompts.LABEL_CONCEPTS_INTRO, prompts.LABEL_CONCEPT_LINE, prompts.LABEL_QUESTION,
+                 prompts.DIRECT_INSTRUCTION, prompts.DIRECT_QUESTION]
+    corpus = [" yes no Yes No yes no Yes No"] * 200 + [WORDS] * 20
+    if vocab_size > 300:
+        corpus += templates * 20
+    backend.train_from_iterator(corpus, trainer)
     return Tokenizer(backend, bos_id=2, eos_ids=[1], pad_id=0, source="tiny")
 
 
-def save_tiny_model(folder: Path, family: str = "gemma3", seed: int = 0, **over) -> Path:
+def save_tiny_model(folder: Path, family: str = "gemma3", seed: int = 0, vocab_size: int = 1024, **over) -> Path:
     """config.json + model.safetensors + tokenizer.json of a tiny random model of `family` (see hf_tiny)."""
     from hf_tiny import hf_model
 
-    hf = hf_model(family, seed=seed, **over)
+    hf = hf_model(family, seed=seed, vocab_size=vocab_size, **over)
     hf.config.bos_token_id, hf.config.eos_token_id, hf.config.pad_token_id = 2, 1, 0
     hf.save_pretrained(folder)
-    tiny_tokenizer().save(folder)
+    tiny_tokenizer(vocab_size).save(folder)
     return Path(folder)
 
 
