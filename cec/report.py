@@ -147,9 +147,10 @@ mark { color: inherit; border-radius: 3px; padding: 1px 0; box-decoration-break:
 .badge { font-size: 10px; font-weight: 600; vertical-align: super; line-height: 1; border: 2px solid;
          border-radius: 4px; padding: 0 3px; margin: 0 2px 0 1px; background: #fff; user-select: none; }
 .code { border-left: 6px solid; padding: 4px 0 6px 10px; margin-bottom: 12px; }
-.code .head { font-weight: 600; }
+.code .head { display: flex; gap: 10px; align-items: baseline; justify-content: space-between; }
+.code .name { font-weight: 600; }
 .code .desc { font-weight: 400; }
-.prob { float: right; font-variant-numeric: tabular-nums; font-weight: 600; }
+.prob { font-variant-numeric: tabular-nums; font-weight: 600; }
 .code ul { margin: 4px 0 0; padding-left: 18px; font-size: 13px; }
 .code li .p { font-variant-numeric: tabular-nums; color: #37414b; }
 .code li.off { color: #8a939c; }
@@ -188,8 +189,8 @@ def render_report(doc: dict, *, concept_threshold: float = 0.5, note_id: str | N
             if ev["probability"] < concept_threshold:
                 items.append(f'<li class="off">{e(ev["concept"])} <span class="p">{ev["probability"]:.2f}</span>'
                              f' (below the concept threshold)</li>')
-        legend.append(f'<div class="code" style="border-color:{colour(k)}">'
-                      f'<div class="head">{e(c["code"])} <span class="desc">{e(c["description"])}</span>'
+        head = f'<span class="name">{e(c["code"])} <span class="desc">{e(c["description"])}</span></span>'
+        legend.append(f'<div class="code" style="border-color:{colour(k)}"><div class="head">{head}'
                       f'<span class="prob">{c["probability"]:.2f}</span></div><ul>{"".join(items)}</ul></div>')
     if not legend:
         legend.append(f'<p class="none">No code reached the threshold {doc["threshold"]:.2f}.</p>')
