@@ -27,7 +27,7 @@ class Tokenizer:
         self.bos_id, self.eos_ids, self.pad_id = bos_id, list(eos_ids), pad_id
         self.add_bos = add_bos and bos_id is not None  # whether the model expects a BOS at all
         self.source = source
-        self._spm = not hasattr(backend, "encode_batch")
+        self._spm = type(backend).__name__ == "SentencePieceProcessor"
 
     # -- use -------------------------------------------------------------------------------------
     @property

