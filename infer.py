@@ -125,10 +125,10 @@ def format_table(doc: dict, timing: dict, runners_up: int = 5, top_evidence: int
             yield f"  {'':<{width}}         evidence: {ev}"
 
     head = f"{doc['code_system']}, threshold {doc['threshold']:.2f}"
-    lines = [f"Predicted codes ({head}):" if predicted else f"No code reached the threshold ({head})."]
-    lines += rows(predicted)
-    if rest:
-        lines += ["Next most likely:", *rows(rest)]
+    if predicted:
+        lines = [f"Predicted codes ({head}):", *rows(predicted)] + (["Next most likely:", *rows(rest)] if rest else [])
+    else:
+        lines = [f"No code reached the threshold ({head}). Most likely:", *rows(rest)]
     t = timing
     split = (f" (concepts {t['concept_seconds']:.1f} s, codes {t['label_seconds']:.1f} s)"
              if "concept_seconds" in t and "label_seconds" in t else "")
