@@ -33,13 +33,13 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from cec.cli import user_errors
 from cec.data import read_text_file
 from cec.errors import DataError
+from cec.io import atomic_write_bytes, atomic_write_json
 
 PROG = "infer.py"
 EXAMPLE_NOTE = Path(__file__).resolve().parent / "cec" / "resources" / "example_note.txt"
@@ -197,7 +197,7 @@ def merge_shards(out: Path, notes: list[dict], world: int, poll_s: float = 1.0) 
     """Rank 0: wait for every rank's done marker, then write OUT in input order (atomically) and remove the
     shard files and markers."""
     expected = {r: shard_token([n["id"] for n in notes[r::world]]) for r in range(world)}
-    waiting_since = None
+    announced = False
     while True:
         pending = []
         for r in range(world):
@@ -210,8 +210,8 @@ def merge_shards(out: Path, notes: list[dict], world: int, poll_s: float = 1.0) 
                 pending.append(r)
         if not pending:
             break
-        if waiting_since is None:
-            waiting_since = time.time()
+        if not announced:
+            announced = True
             print(f"[cec] rank 0: waiting for ranks {pending} to finish", file=sys.stderr, flush=True)
         time.sleep(poll_s)
     lines: dict[str, bytes] = {}
@@ -225,19 +225,7 @@ def merge_shards(out: Path, notes: list[dict], world: int, poll_s: float = 1.0) 
     if missing:
         raise DataError(f"{out}: {len(missing)} notes missing after merging the ranks' outputs, e.g. "
                         f"{missing[0]!r}")
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for n in notes:
-                f.write(lines[n["id"]] + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(out, b"".join(lines[n["id"]] + b"\n" for n in notes))
     for r in range(world):
         for p in (Path(f"{out}.rank{r}"), Path(f"{out}.rank{r}.done")):
             p.unlink(missing_ok=True)
@@ -276,8 +264,6 @@ def run_batch(args, rank: int, world: int) -> None:
         print(f"[cec] {'rank %d: ' % rank if world > 1 else ''}all {len(shard)} notes already coded",
               file=sys.stderr)
     if world > 1:
-        from cec.io import atomic_write_json
-
         atomic_write_json(marker, {"rank": rank, "notes": len(shard),
                                    "token": shard_token([n["id"] for n in shard])})
         if rank == 0:
