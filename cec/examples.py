@@ -115,6 +115,19 @@ def direct_examples(note: dict, cs, rng: random.Random, opts: ExampleOptions) ->
     return ex
 
 
+def inference_label_question(cs, code: str, predicted_yes: set[int], rng: random.Random, k: int = 5,
+                             m: int = 2) -> tuple[str, list[int]]:
+    """The Fig. 4 question for `code` at inference (Sec. 3.4): k concepts sampled from C_code plus m predicted
+    negatives outside C_code, each with the concept model's answer (Yes when its id is in predicted_yes).
+    Returns (question text, the concept ids shown, in prompt order)."""
+    own = cs.concept_ids(code)
+    negatives = [c.id for c in cs.concepts if c.id not in predicted_yes and c.id not in set(own)]
+    chosen = _sample(rng, own, k) + _sample(rng, negatives, m)
+    rng.shuffle(chosen)
+    answers = [(cs.concepts[i].text, i in predicted_yes) for i in chosen]
+    return prompts.label_question(cs.descriptions[code], answers), chosen
+
+
 BUILDERS = {"concept": concept_examples, "label": label_examples, "direct": direct_examples}
 
 

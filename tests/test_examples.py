@@ -3,7 +3,7 @@ import pytest
 
 from cec import prompts
 from cec.errors import DataError
-from cec.examples import ExampleOptions, build_examples, check_labels
+from cec.examples import ExampleOptions, build_examples, check_labels, inference_label_question, note_rng
 from tiny_train import tiny_concept_set, tiny_notes
 
 CS = tiny_concept_set()
@@ -80,3 +80,14 @@ def test_unknown_codes_are_an_error_or_dropped():
     with pytest.raises(DataError, match="'ZZZ' is not in concept set"):
         check_labels(notes, CS)
     assert check_labels(notes, CS, drop_unknown=True)[0]["labels"] == ["A1"]
+
+
+def test_inference_label_question_uses_predicted_answers():
+    predicted = {CS.concept_ids("A1")[0], CS.concept_ids("E5")[0]}
+    q, shown = inference_label_question(CS, "A1", predicted, note_rng(0, 0, "n"), k=3, m=2)
+    own = set(CS.concept_ids("A1"))
+    assert len([i for i in shown if i in own]) == 3 and len([i for i in shown if i not in own]) == 2
+    assert all(i not in predicted for i in shown if i not in own)  # extras are predicted negatives
+    for i in shown:
+        assert f"'{CS.concepts[i].text}'?\nAnswer: {'Yes' if i in predicted else 'No'}\n" in q
+    assert q == inference_label_question(CS, "A1", predicted, note_rng(0, 0, "n"), k=3, m=2)[0]
