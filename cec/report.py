@@ -16,6 +16,7 @@ forbids both. Everything that comes from the note, the concept set or the model 
 from __future__ import annotations
 
 import html
+import math
 import re
 from pathlib import Path
 
@@ -24,7 +25,10 @@ from cec.io import atomic_write_text
 PALETTE = ["#ffd166", "#8ecae6", "#b5e48c", "#f4a3c8", "#cdb4db", "#ffb38a", "#90e0c8", "#a9bcff", "#ff9e9e",
            "#d9ed92"]
 STOPWORDS = set("a an and are as at be been by for from had has have he her his in into is it its of on or "
-                "over per she than that the then these this those to under up was were which who with".split())
+                "over per she than that the then these this those to under up was were which who with "
+                # words of concept phrases that say nothing about a finding ('history of ...', 'left shift')
+                "patient patients history left right other specified unspecified".split())
+MAX_BADGES = 4  # code labels shown where highlights start; more are summed up as +N
 
 
 def colour(i: int) -> str:
@@ -74,7 +78,8 @@ def tokens(text: str) -> list[str]:
 
 def evidence_spans(text: str, phrases: list[str], window: int = 2) -> dict[str, list[tuple[int, int]]]:
     """For each phrase, the spans to highlight: the sentences of its best BM25 window that share a word with
-    it; [] when no sentence of the note shares a word with it."""
+    it. A window must share at least a third of the phrase's words (one of up to three, two of four to six);
+    [] when no window does."""
     from rank_bm25 import BM25Okapi
 
     sents = sentence_spans(text)
@@ -89,12 +94,11 @@ def evidence_spans(text: str, phrases: list[str], window: int = 2) -> dict[str, 
         query = tokens(phrase)
         if not query:
             continue
+        words, need = set(query), math.ceil(len(set(query)) / 3)
         scores = bm25.get_scores(query)
-        # best window first; a window that shares no word with the phrase is never evidence
-        for i in sorted(range(len(windows)), key=lambda i: -scores[i]):
-            hits = [sents[j] for j in windows[i] if sent_tokens[j] & set(query)]
-            if hits:
-                found[phrase] = hits
+        for i in sorted(range(len(windows)), key=lambda i: -scores[i]):  # best window first
+            if len(words & set().union(*(sent_tokens[j] for j in windows[i]))) >= need:
+                found[phrase] = [sents[j] for j in windows[i] if sent_tokens[j] & words]
                 break
     return found
 
@@ -124,7 +128,10 @@ def highlight_note(text: str, marks: list[tuple[int, int, int, str, str, float]]
             continue
         starting = list(dict.fromkeys((k, code) for s, _, k, code, _, _ in marks if s == a))
         badges = "".join(f'<span class="badge" style="border-color:{colour(k)}">{html.escape(code)}</span>'
-                         for k, code in starting)
+                         for k, code in starting[:MAX_BADGES])
+        if len(starting) > MAX_BADGES:
+            more = html.escape(" ".join(code for _, code in starting[MAX_BADGES:]), quote=True)
+            badges += f'<span class="badge" title="{more}">+{len(starting) - MAX_BADGES}</span>'
         idxs = list(dict.fromkeys(k for k, _, _, _ in active))
         out.append(f'{badges}<mark style="background:{_background(idxs)}" '
                    f'title="{html.escape(_title(active, descriptions), quote=True)}">{piece}</mark>')

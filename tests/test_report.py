@@ -45,6 +45,19 @@ def test_evidence_found_by_bm25_with_stemming():
     assert found["renal biopsy"] == []
 
 
+def test_a_window_must_share_a_third_of_the_phrase():
+    found = evidence_spans(NOTE, ["fever of unknown origin", "fever with rigors and night sweats", "left shift"])
+    assert [NOTE[a:b] for a, b in found["fever of unknown origin"]] == [NOTE.split("\n")[0]]  # 1 of 3 words
+    assert found["fever with rigors and night sweats"] == []  # 1 of 5 words: not enough
+    assert found["left shift"] == []  # 'left' says nothing
+
+
+def test_badges_are_capped_where_many_codes_start():
+    codes = [code(f"C{i}", 0.9, [("blood pressure", 0.9)]) for i in range(6)]
+    page = render_report(doc(codes=codes))
+    assert page.count('<span class="badge"') == 5 and 'title="C4 C5">+2</span>' in page
+
+
 def test_predicted_codes_highlight_their_positive_concepts_only():
     page = render_report(doc(), concept_threshold=0.5)
     got = marks(page)
