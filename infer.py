@@ -38,7 +38,7 @@ from pathlib import Path
 
 from cec.cli import user_errors
 from cec.data import read_text_file
-from cec.errors import DataError
+from cec.errors import ConfigError, DataError
 from cec.io import atomic_write_bytes, atomic_write_json
 
 PROG = "infer.py"
@@ -277,9 +277,15 @@ def load_pipeline(args, rank: int = 0):
     from cec.concepts import load_concept_set
     from cec.pipeline import CECPipeline
 
-    device = args.device
-    if device is None:
-        device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}" if torch.cuda.is_available() else "cpu"
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":  # under torchrun, one GPU per local rank
+        device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ConfigError(f"unknown device {device!r} (cpu, cuda, cuda:N, ...)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: no CUDA device is available")
     dtype = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
 
     def adapter(value):  # "none": the base model without that adapter; a path is taken from the working dir
@@ -320,7 +326,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Code clinical notes with ICD codes by Concept-Enhanced Coding (CEC).",
         epilog="Notes are decoded as UTF-8; bytes that are not valid UTF-8 are replaced by U+FFFD and a warning "
                "is printed.\nAn empty note, a binary file (NUL bytes), a missing file or a malformed JSONL line "
-               "exits with status 2\nand one line on stderr. Batch runs resume where they stopped.")
+               "exits with status 2\nand one line on stderr. Batch runs resume where they stopped; under torchrun each rank "
+               "codes its share\nof the notes and rank 0 merges them into --out.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--note", metavar="FILE", help="a note as a text file, or - for stdin")
     src.add_argument("--notes", metavar="JSONL", help="batch mode: notes JSONL, one {\"id\", \"text\"} per line")
@@ -334,9 +341,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--concepts", metavar="SET", help="concept set: shipped name or built JSON")
     p.add_argument("--concept-adapter", metavar="DIR", help="LoRA adapter of the concept stage ('none': base model)")
     p.add_argument("--label-adapter", metavar="DIR", help="LoRA adapter of the code stage ('none': base model)")
-    p.add_argument("--threshold", type=probability, help="code threshold (default: the pipeline's, tuned on dev)")
-    p.add_argument("--concept-threshold", type=probability, help="concept threshold (default: the pipeline's)")
-    p.add_argument("--k", type=positive_int, help="concepts of a code's own set shown to the code stage")
+    p.add_argument("--threshold", type=probability, metavar="P", help="code threshold (default: the pipeline's, tuned on dev)")
+    p.add_argument("--concept-threshold", type=probability, metavar="P", help="concept threshold (default: the pipeline's)")
+    p.add_argument("--k", type=positive_int, metavar="N", help="concepts of a code's own set shown to the code stage")
     p.add_argument("--sampling", choices=("top", "random"), help="which k concepts: highest-scoring or random")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),

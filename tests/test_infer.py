@@ -334,6 +334,8 @@ def test_missing_inputs_are_one_line(tiny, tmp_path):
     assert_one_line_error(cli(tiny, "--pipeline", tmp_path / "nowhere", "--note", note), r"not a pipeline folder")
     assert_one_line_error(cli(tiny, "--pipeline", tiny / "plain", "--note", note, "--concepts", "no-such-set"),
                           r"no concept set 'no-such-set'")
+    assert_one_line_error(cli(tiny, "--pipeline", tiny / "plain", "--note", note, "--device", "gpu7"),
+                          r"unknown device 'gpu7'")
 
 
 def last_line_error(proc, pattern):
