@@ -280,12 +280,14 @@ class Trainer:
             enc = self.encode(note, epoch)
             self.prefix_cut_notes += enc.cut > 0
             micro.append(enc)
-        counts = torch.tensor([float(sum(m.questions for m in micro)), float(sum(p.tokens for m in micro
-                                                                             for p in m.packs))])
-        if d.on:
+        counts = torch.tensor([float(sum(m.questions for m in micro)),
+                               float(sum(p.tokens for m in micro for p in m.packs))], dtype=torch.float64)
+        if d.on:  # nccl reduces CUDA tensors only
+            counts = counts.to(self.device)
             dist.all_reduce(counts)
+            counts = counts.cpu()
         n_questions = max(float(counts[0]), 1.0)
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         packs = [p for m in micro for p in m.packs]
         self.model.train()
         for i, pack in enumerate(packs):
@@ -293,11 +295,12 @@ class Trainer:
             with (nullcontext() if sync else self.ddp.no_sync()), self.autocast:
                 loss, _ = pack_loss(self.ddp, self.head, pack)
             (loss * (d.world / n_questions)).backward()
-            loss_sum += loss.detach().double().cpu()
-        if not packs and d.on:  # never happens with cec.examples (every note has questions); keep ranks in step
-            (sum(p.sum() for p in self.params) * 0.0).backward()
+            loss_sum += loss.detach().double()
+        if not packs and d.on:  # a rank without questions this step still joins the gradient all-reduce
+            with self.autocast:
+                loss, _ = pack_loss(self.ddp, self.head, make_pack([0], [[0]], [0]).to(self.device))
+            (loss * 0.0).backward()
         if d.on:
-            loss_sum = loss_sum.to(self.device)
             dist.all_reduce(loss_sum)
         loss = float(loss_sum) / n_questions
         clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
