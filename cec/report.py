@@ -26,8 +26,9 @@ PALETTE = ["#ffd166", "#8ecae6", "#b5e48c", "#f4a3c8", "#cdb4db", "#ffb38a", "#9
            "#d9ed92"]
 STOPWORDS = set("a an and are as at be been by for from had has have he her his in into is it its of on or "
                 "over per she than that the then these this those to under up was were which who with "
-                # words of concept phrases that say nothing about a finding ('history of ...', 'left shift')
-                "patient patients history left right other specified unspecified".split())
+                # words that say nothing about a finding ('history of ...', 'left shift', units)
+                "patient patients history left right other specified unspecified "
+                "mg dl ml min kg mmhg bpm mmol".split())
 MAX_BADGES = 4  # code labels shown where highlights start; more are summed up as +N
 
 
@@ -72,8 +73,8 @@ def stem(word: str) -> str:
 
 
 def tokens(text: str) -> list[str]:
-    """Lower-case, stemmed words and numbers, without stop words."""
-    return [stem(w) for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in STOPWORDS]
+    """Lower-case, stemmed words, without stop words and bare numbers ('3b' and 'hba1c' stay)."""
+    return [stem(w) for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in STOPWORDS and not w.isdigit()]
 
 
 def evidence_spans(text: str, phrases: list[str], window: int = 2) -> dict[str, list[tuple[int, int]]]:

@@ -46,10 +46,13 @@ def test_evidence_found_by_bm25_with_stemming():
 
 
 def test_a_window_must_share_a_third_of_the_phrase():
-    found = evidence_spans(NOTE, ["fever of unknown origin", "fever with rigors and night sweats", "left shift"])
+    found = evidence_spans(NOTE, ["fever of unknown origin", "fever with rigors and night sweats", "left shift",
+                                  "hemoglobin 7 g/dL", "hemoglobin"])
     assert [NOTE[a:b] for a, b in found["fever of unknown origin"]] == [NOTE.split("\n")[0]]  # 1 of 3 words
     assert found["fever with rigors and night sweats"] == []  # 1 of 5 words: not enough
     assert found["left shift"] == []  # 'left' says nothing
+    assert found["hemoglobin 7 g/dL"] == found["hemoglobin"] != []
+    assert evidence_spans(NOTE, ["bilirubin 3 mg/dL"])["bilirubin 3 mg/dL"] == []  # numbers, units: not evidence
 
 
 def test_badges_are_capped_where_many_codes_start():
