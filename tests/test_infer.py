@@ -5,6 +5,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -360,6 +361,11 @@ def test_adapter_mismatches_are_one_line(tiny, tmp_path):
     save_adapter(other, tmp_path / "llama_adapter", inject_lora(other, "all-linear", r=4, alpha=8))
     last_line_error(cli(tiny, "--pipeline", tiny / "plain", "--note", note, "--concept-adapter",
                         tmp_path / "llama_adapter"), r"adapter was trained for another base model")
+    shutil.copytree(tiny / "adapted" / "label", tmp_path / "truncated")
+    weights = tmp_path / "truncated" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    last_line_error(cli(tiny, "--pipeline", tiny / "plain", "--note", note, "--label-adapter", tmp_path / "truncated"),
+                    r"unreadable safetensors file")
     # the shipped tiny adapter was trained for codes A1..E5; this concept set has other codes
     from tiny_train import tiny_concept_set
 
