@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="longest packed sequence; a note's questions beyond it go to further sequences that "
                         "restate the note, and a note too long for it loses its tail (default: %(default)s)")
     g.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute each block in the backward pass: less memory, about 30%% more time")
+                   help="recompute each block in the backward pass: less memory, the cost of one more forward pass")
     g.add_argument("--seed", type=int, default=0, help="seed of LoRA init, data order and sampling (default: %(default)s)")
 
     # option names never abbreviate a torchrun option (--r, --m would make torchrun's parser fail)
