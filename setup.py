@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Concept-Enhanced Coding (CEC) of clinical notes with ICD codes, on a hand-written PyTorch engine",
     packages=find_packages(include=["cec", "cec.*", "kernels", "kernels.*"]),
-    package_data={"cec": ["data/**/*", "data/*", "resources/**/*", "resources/*"]},
+    package_data={"cec": ["resources/**/*", "resources/*"]},
     python_requires=">=3.10",
     install_requires=[
         # Install torch==2.13.0 first (the Makefile does) so pip never pulls a multi-GB CUDA build.

@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 LEVELS = ("parent", "leaf")
 FORMAT = "cec-concept-set/1"
-SHIPPED_DIR = Path(__file__).resolve().parent / "data" / "concepts"
+SHIPPED_DIR = Path(__file__).resolve().parent / "resources" / "concepts"
 DEFAULT_GAMMA = 0.83
 
 

@@ -1,7 +1,7 @@
 """Build a concept set (paper Sec. 3.2): generate candidate concepts with an LLM, then merge near-duplicates.
 
 Dedup only, from a raw candidates file (how the shipped sets are built):
-    python scripts/build_concepts.py --raw cec/data/concepts/raw/mimic3-50.json --out cec/data/concepts/mimic3-50.json
+    python scripts/build_concepts.py --raw cec/resources/concepts/raw/mimic3-50.json --out cec/resources/concepts/mimic3-50.json
 
 Generate, then dedup, with an OpenAI-compatible endpoint (key from CEC_API_KEY or OPENAI_API_KEY):
     python scripts/build_concepts.py --codes codes.tsv --code-system icd9cm \

@@ -6,6 +6,10 @@ import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: loads the real Gemma 3 270M or other large files (still runs in CI)")
+
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 

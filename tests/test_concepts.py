@@ -18,7 +18,7 @@ from cec.errors import DataError
 from cec.icd import icd9cm
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ROOT / "cec" / "data" / "concepts"
+SHIPPED = ROOT / "cec" / "resources" / "concepts"
 KEY = "sk-test-SECRET-0123456789"
 
 
@@ -331,7 +331,7 @@ def test_build_concept_set_maps_duplicates_in_every_code():
 
 
 # -- shipped sets ----------------------------------------------------------------------------------------------
-PAPER_STYLE_COUNTS = {  # recorded in cec/data/concepts/README.md
+PAPER_STYLE_COUNTS = {  # recorded in cec/resources/concepts/README.md
     "mimic3-50": {"parent": 327, "leaf": 221, "total": 548},
     "mimic3-rare50": {"parent": 348, "leaf": 204, "total": 552},
     "codiesp-d50": {"parent": 341, "leaf": 176, "total": 517},
@@ -363,7 +363,7 @@ def build_main():
 def test_shipped_sets_rebuild_from_their_raw_candidates(name, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)  # the build records the raw path as given, relative to the repo
     out = tmp_path / f"{name}.json"
-    summary = build_main()(["--raw", f"cec/data/concepts/raw/{name}.json", "--out", str(out)])
+    summary = build_main()(["--raw", f"cec/resources/concepts/raw/{name}.json", "--out", str(out)])
     assert summary["counts"] == PAPER_STYLE_COUNTS[name]
     assert json.loads(capsys.readouterr().out)["counts"] == PAPER_STYLE_COUNTS[name]
     assert out.read_text() == (SHIPPED / f"{name}.json").read_text()
