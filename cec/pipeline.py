@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from cec import prompts
 from cec.cache import PrefixScorer, head_for
@@ -76,6 +77,22 @@ def share_base(model: Transformer) -> Transformer:
     return twin.eval()
 
 
+@torch.no_grad()
+def fold_lora(model: Transformer) -> None:
+    """Fold each LoRA layer into a weight of its own, leaving the shared base weights untouched: inference then
+    runs plain linears (no LoRA matmuls), at the memory cost of one copy of the adapted layers."""
+    from cec.lora import lora_layers
+
+    for name, layer in lora_layers(model).items():
+        lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                        device="meta", dtype=layer.weight.dtype)
+        merged = layer.weight.float() + layer.delta_weight().to(layer.weight.device)
+        lin.weight = nn.Parameter(merged.to(layer.weight.dtype), requires_grad=False)
+        lin.bias = layer.bias
+        parent, child = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent), child, lin)
+
+
 @dataclass
 class NoteResult:
     note_id: str | None
@@ -107,9 +124,10 @@ class CECPipeline:
 
     @classmethod
     def load(cls, folder: str | Path | None = None, *, model=None, tokenizer=None, concept_set=None,
-             device="cpu", dtype=None, **overrides) -> "CECPipeline":
+             device="cpu", dtype=None, fold: bool = True, **overrides) -> "CECPipeline":
         """A pipeline folder (default: the shipped Gemma 3 270M / CodiEsp-D50 one), with optional overrides of
-        its config fields (threshold, k, ...) and of its concept set."""
+        its config fields (threshold, k, ...) and of its concept set. fold: fold the adapters into private
+        copies of the layers they adapt (faster; fold=False keeps LoRA layers, e.g. to inspect them)."""
         from cec.concepts import load_concept_set
         from cec.lora import load_adapter
         from cec.weights import load_model
@@ -130,6 +148,8 @@ class CECPipeline:
                 if want and list(want) != list(cs.codes):
                     raise AdapterError(f"{folder / rel}: adapter was trained for another code set than "
                                        f"concept set {cs.name!r}")
+                if fold:
+                    fold_lora(m)
                 m.eval()
         return cls(model, tokenizer, cs, config, concept_model, label_model)
 

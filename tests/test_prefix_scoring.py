@@ -81,3 +81,25 @@ def test_prefix_cache_is_not_copied_per_question(pair):
     before = sum(t.numel() for t in cache.k + cache.v)
     scorer.score_cached(cache, make_questions(2, 16, 3, 3))
     assert sum(t.numel() for t in cache.k + cache.v) == before and cache.length == len(prefix)
+
+
+def test_folded_lora_scores_equal_lora_layers_and_leave_the_base_alone():
+    from cec.lora import inject_lora, lora_layers
+    from cec.pipeline import fold_lora, share_base
+
+    hf = hf_model("gemma3", seed=7)
+    base = ours_from_hf(hf)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    adapted = share_base(base)
+    inject_lora(adapted, "all-linear", r=4, alpha=8)
+    torch.manual_seed(0)
+    for layer in lora_layers(adapted).values():
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
+    adapted.eval()
+    prefix, questions = list(range(30, 50)), make_questions(11, 6, 2, 9)
+    with_lora = PrefixScorer(adapted, head_for(adapted, YES, NO)).score(prefix, questions)
+    fold_lora(adapted)
+    assert not lora_layers(adapted)
+    folded = PrefixScorer(adapted, head_for(adapted, YES, NO)).score(prefix, questions)
+    assert (with_lora - folded).abs().max().item() < TOL
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
