@@ -26,9 +26,9 @@ PALETTE = ["#ffd166", "#8ecae6", "#b5e48c", "#f4a3c8", "#cdb4db", "#ffb38a", "#9
            "#d9ed92"]
 STOPWORDS = set("a an and are as at be been by for from had has have he her his in into is it its of on or "
                 "over per she than that the then these this those to under up was were which who with "
-                # words that say nothing about a finding ('history of ...', 'left shift', units)
-                "patient patients history left right other specified unspecified "
-                "mg dl ml min kg mmhg bpm mmol".split())
+                # words that say nothing about a finding ('history of ...', 'left shift', 'mild', units)
+                "patient patients history left right other specified unspecified no not without mild moderate "
+                "severe mg dl ml min kg mmhg bpm mmol".split())
 MAX_BADGES = 4  # code labels shown where highlights start; more are summed up as +N
 
 
@@ -161,7 +161,7 @@ mark { color: inherit; border-radius: 3px; padding: 1px 0; box-decoration-break:
 .prob { font-variant-numeric: tabular-nums; font-weight: 600; }
 .code ul { margin: 4px 0 0; padding-left: 18px; font-size: 13px; }
 .code li .p { font-variant-numeric: tabular-nums; color: #37414b; }
-.code li.off { color: #8a939c; }
+.code li.off { color: #8a939c; list-style: none; margin-left: -18px; font-size: 12px; }
 .code li .nf { color: #a0522d; font-style: italic; }
 .none { color: #5a6470; font-style: italic; }
 details { margin-top: 20px; }
@@ -193,10 +193,10 @@ def render_report(doc: dict, *, concept_threshold: float = 0.5, note_id: str | N
                 marks.append((a, b, k, c["code"], ev["concept"], ev["probability"]))
             nf = "" if spans[ev["concept"]] else ' <span class="nf">(no matching sentence)</span>'
             items.append(f'<li>{e(ev["concept"])} <span class="p">{ev["probability"]:.2f}</span>{nf}</li>')
-        for ev in c["evidence"]:
-            if ev["probability"] < concept_threshold:
-                items.append(f'<li class="off">{e(ev["concept"])} <span class="p">{ev["probability"]:.2f}</span>'
-                             f' (below the concept threshold)</li>')
+        negatives = [f'{e(ev["concept"])} <span class="p">{ev["probability"]:.2f}</span>'
+                     for ev in c["evidence"] if ev["probability"] < concept_threshold]
+        if negatives:  # shown to the code model as answered No
+            items.append(f'<li class="off">answered No: {", ".join(negatives)}</li>')
         head = f'<span class="name">{e(c["code"])} <span class="desc">{e(c["description"])}</span></span>'
         legend.append(f'<div class="code" style="border-color:{colour(k)}"><div class="head">{head}'
                       f'<span class="prob">{c["probability"]:.2f}</span></div><ul>{"".join(items)}</ul></div>')
