@@ -38,7 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--concepts", required=True, metavar="SET",
                    help="a built concept set: a shipped name (mimic3-50, mimic3-rare50, codiesp-d50) or a path")
     g.add_argument("--model", default="gemma3-270m",
-                   help="base model: embedded name (gemma3-270m), HF folder, .gguf file or hub id (default: %(default)s)")
+                   help="base model: embedded name (gemma3-270m), HF folder, .gguf file or hub id "
+                        "(default: %(default)s)")
     g.add_argument("--out", required=True, metavar="DIR", help="run folder: adapter, checkpoints, train_log.jsonl")
     g.add_argument("--drop-unknown-codes", action="store_true",
                    help="ignore note labels that are not in the concept set (default: they are an error)")
@@ -58,12 +59,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "restate the note, and a note too long for it loses its tail (default: %(default)s)")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute each block in the backward pass: less memory, the cost of one more forward pass")
-    g.add_argument("--seed", type=int, default=0, help="seed of LoRA init, data order and sampling (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of LoRA init, data order and sampling (default: %(default)s)")
 
     # option names never abbreviate a torchrun option (--r, --m would make torchrun's parser fail)
     g = ap.add_argument_group("LoRA (defaults per stage: the paper's Appendix A)")
     g.add_argument("--lora-r", dest="r", type=int, help="rank (default: 32)")
-    g.add_argument("--lora-alpha", dest="alpha", type=float, help="scaling numerator (default: concept/direct 32, label 128)")
+    g.add_argument("--lora-alpha", dest="alpha", type=float,
+                   help="scaling numerator (default: concept/direct 32, label 128)")
     g.add_argument("--lora-dropout", dest="dropout", type=float, help="dropout on the LoRA input (default: 0.05)")
     g.add_argument("--lora-targets", dest="targets", help="comma-separated module names, or all-linear "
                                      "(default: concept/direct all-linear, label k_proj,v_proj)")
@@ -74,7 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="concept/direct: negatives sampled per positive (default: %(default)s)")
     g.add_argument("--min-negatives", type=int, default=5,
                    help="concept/direct: at least this many negatives per note (default: %(default)s)")
-    g.add_argument("--label-k", dest="k", type=int, default=5, help="label: concepts of the asked code's set (default: %(default)s)")
+    g.add_argument("--label-k", dest="k", type=int, default=5,
+                   help="label: concepts of the asked code's set (default: %(default)s)")
     g.add_argument("--label-m", dest="m", type=int, default=2,
                    help="label: concepts from the opposite pseudo set (default: %(default)s)")
     g.add_argument("--false-ratio", type=float, default=1.0,
@@ -186,7 +190,8 @@ def main(argv=None) -> None:
         model, tokenizer = load_model(args.model, device=device, dtype=dtype)
         yes_ids, no_ids = prompts.answer_ids(tokenizer, args.stage)
         torch.manual_seed(args.seed)  # the same LoRA init on every rank and in every run
-        targets = "all-linear" if args.targets == "all-linear" else [t.strip() for t in args.targets.split(",") if t.strip()]
+        targets = args.targets if args.targets == "all-linear" else [
+            t.strip() for t in args.targets.split(",") if t.strip()]
         lora_config = inject_lora(model, targets, r=args.r, alpha=args.alpha, dropout=args.dropout,
                                   use_rslora=args.rslora, base_model=str(args.model))
         torch.manual_seed(args.seed + rank)  # dropout draws: one stream per rank

@@ -22,7 +22,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -31,7 +31,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from cec import prompts
 from cec.cache import common_prefix_len, head_for
 from cec.errors import CECError
 from cec.io import atomic_write_text
@@ -263,7 +262,7 @@ class Trainer:
         return self.notes[order[position % n]], epoch
 
     def encode(self, note: dict, epoch: int) -> Encoded:
-        ex = self.make_examples(note, epoch)
+        ex = self.make_examples(note, epoch)  # ids as cec.prompts.encode makes them: BOS on the prefix only
         prefix = self.tokenizer.encode(ex.prefix, add_bos=True)
         questions = [list(self._encode_question(q)) for q in ex.questions]
         packs, cut = pack_questions(prefix, questions, ex.labels, self.cfg.max_tokens,
@@ -345,7 +344,8 @@ class Trainer:
             return {}
         s, y = torch.tensor(scores, dtype=torch.float64), torch.tensor(labels, dtype=torch.float64)
         return {"step": self.step, "dev_loss": float(F.binary_cross_entropy_with_logits(s, y)),
-                "dev_auc": roc_auc(y.numpy(), s.numpy()), "dev_accuracy": float(((s > 0).double() == y).double().mean()),
+                "dev_auc": roc_auc(y.numpy(), s.numpy()),
+                "dev_accuracy": float(((s > 0).double() == y).double().mean()),
                 "dev_questions": len(scores), "dev_notes": len(self.dev)}
 
     # -- checkpoints ------------------------------------------------------------------------------------
@@ -509,7 +509,3 @@ def latest_checkpoints(out: str | Path) -> list[Path]:
         return []
     return sorted(p for p in root.glob("step-*") if (p / STATE_FILE).is_file())
 
-
-def encode_examples(tokenizer, ex) -> tuple[list[int], list[list[int]]]:
-    """A NoteExamples as token ids, the way training and inference both build them (cec.prompts.encode)."""
-    return prompts.encode(tokenizer, ex.prefix, ex.questions)

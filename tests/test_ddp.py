@@ -30,7 +30,8 @@ def test_two_processes_match_one(tmp_path):
     tiny_concept_set().save(tmp_path / "cs.json")
     write_notes(tmp_path / "train.jsonl", tiny_notes(6))
     common = ["--stage", "concept", "--data", "train.jsonl", "--concepts", "cs.json", "--model", str(model),
-              "--steps", "2", "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0", "--lr", "5e-3", "--warmup", "0",
+              "--steps", "2", "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0", "--lr", "5e-3",
+              "--warmup", "0",
               "--max-tokens", "512", "--max-questions", "6", "--no-progress"]
     run(common + ["--out", "one", "--grad-accum", "2"], tmp_path)
     run(common + ["--out", "two", "--grad-accum", "1"], tmp_path, nproc=2)

@@ -25,7 +25,8 @@ def randomize_lora(model, seed=0):
             p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
-@pytest.mark.parametrize("family,targets,rslora", [("llama", "all-linear", False), ("gemma3", ["k_proj", "v_proj"], True),
+@pytest.mark.parametrize("family,targets,rslora", [("llama", "all-linear", False),
+                                                   ("gemma3", ["k_proj", "v_proj"], True),
                                                    ("gemma2", ["q_proj", "down_proj"], False)])
 def test_our_adapter_loads_in_peft_with_equal_logits(tmp_path, family, targets, rslora):
     hf = hf_model(family)
@@ -58,7 +59,8 @@ def test_peft_adapter_loads_in_ours_with_equal_logits(tmp_path, family, rslora):
     peft_model = peft.get_peft_model(hf, conf).eval()
     peft_model.save_pretrained(str(tmp_path))
     config, _ = load_adapter(ours, tmp_path)
-    assert config.r == 4 and config.use_rslora == rslora and set(config.target_modules) == {"q_proj", "v_proj", "up_proj"}
+    assert config.r == 4 and config.use_rslora == rslora
+    assert set(config.target_modules) == {"q_proj", "v_proj", "up_proj"}
     ours.eval()
     x = ids(seed=1)
     with torch.no_grad():
