@@ -77,6 +77,13 @@ def share_base(model: Transformer) -> Transformer:
     return twin.eval()
 
 
+def _beside(folder: Path, name: str) -> str:
+    """A relative path in cec_pipeline.json names a file beside it when one is there; otherwise it stays a name
+    (embedded model, shipped concept set, hub id) or a path from the working directory."""
+    candidate = folder / name
+    return str(candidate) if not Path(name).is_absolute() and candidate.exists() else name
+
+
 @torch.no_grad()
 def fold_lora(model: Transformer) -> None:
     """Fold each LoRA layer into a weight of its own, leaving the shared base weights untouched: inference then
@@ -137,9 +144,11 @@ class CECPipeline:
         for k, v in overrides.items():
             if v is not None:
                 setattr(config, k, v)
+        if isinstance(concept_set, (str, Path)):
+            config.concept_set, concept_set = str(concept_set), None
         if model is None:
-            model, tokenizer = load_model(config.base_model, device=device, dtype=dtype)
-        cs = concept_set or load_concept_set(config.concept_set)
+            model, tokenizer = load_model(_beside(folder, config.base_model), device=device, dtype=dtype)
+        cs = concept_set or load_concept_set(_beside(folder, config.concept_set))
         concept_model, label_model = model, share_base(model)
         for m, rel in ((concept_model, config.concept_adapter), (label_model, config.label_adapter)):
             if rel:
