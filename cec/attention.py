@@ -70,7 +70,7 @@ def attend_with_lse(q, k, v, scale: float, mask: torch.Tensor | None, softcap: f
         if mg is not None:
             s = s.masked_fill(~mg, float("-inf"))
         lse = torch.logsumexp(s, dim=-1)
-        p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num_(0.0)
+        p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)
         out = torch.matmul(p.to(v.dtype), v)
     return out.reshape(b, h, t, d), lse.reshape(b, h, t)
 

@@ -35,7 +35,7 @@ def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("family", ["gemma3", "llama"])
+@pytest.mark.parametrize("family", ["gemma3", "gemma2", "llama"])
 @pytest.mark.parametrize("max_tokens", [4096, 24])
 def test_packed_loss_and_grads_equal_separate_sequences(family, max_tokens):
     model, _ = lora_model(family)
