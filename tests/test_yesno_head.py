@@ -118,9 +118,10 @@ def test_kernel_matches_reference_fp32(n, h, blocks, family):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
 
 
-def test_kernel_strided_rows_and_head_class():
+def test_kernel_strided_rows_and_head_class(monkeypatch):
     """Rows taken out of [B, T, H] (the answer positions) are strided; YesNoHead gathers its rows once and
-    dispatches to the kernel here because TRITON_INTERPRET is set."""
+    dispatches to the kernel (interpreted on CPU, which CEC_TRITON_INTERPRET asks for)."""
+    monkeypatch.setenv("CEC_TRITON_INTERPRET", "1")
     hidden, w, out = make(3 * 7, 640, seed=1, device=DEVICE)
     last = hidden.view(3, 7, 640)[:, -1]  # stride 7 * 640
     assert not last.is_contiguous()
