@@ -29,15 +29,19 @@ def common_prefix_len(seqs: list[list[int]]) -> int:
     return max(n, 0)
 
 
-def batches_by_length(lengths: list[int], max_tokens: int, max_batch: int) -> list[list[int]]:
-    """Indices grouped so that padding is small: sorted by length, each batch within a padded token budget."""
+def batches_by_length(lengths: list[int], max_tokens: int, max_batch: int,
+                      max_padding: float = 0.05) -> list[list[int]]:
+    """Indices grouped so that padding is small: sorted by length, each batch within a padded token budget, and a
+    new batch started where taking the next (longer) question would make padding over `max_padding` of it."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    out, cur = [], []
+    out, cur, real = [], [], 0
     for i in order:  # ascending, so the current length is the batch's padded length
-        if cur and ((len(cur) + 1) * lengths[i] > max_tokens or len(cur) == max_batch):
+        padded = (len(cur) + 1) * lengths[i]
+        if cur and (padded > max_tokens or len(cur) == max_batch or padded - real - lengths[i] > max_padding * padded):
             out.append(cur)
-            cur = []
+            cur, real = [], 0
         cur.append(i)
+        real += lengths[i]
     if cur:
         out.append(cur)
     return out
