@@ -106,9 +106,8 @@ class PrefixScorer:
             for row, i in enumerate(idx):  # right padding: causal attention keeps real tokens blind to it
                 ids[row, : lengths[i]] = torch.tensor(questions[i])
             ids = ids.to(dev)
-            hidden = self.model(ids, prefix=cache, final_norm=False)
             last = torch.tensor([lengths[i] - 1 for i in idx], device=dev)
-            h_last = hidden[torch.arange(len(idx), device=dev), last]
+            h_last = self.model(ids, prefix=cache, final_norm=False, last=last)[:, 0]
             out[torch.tensor(idx, device=dev)] = self.head.scores(h_last)
             n_tok += ids.numel()
             n_batch += 1
@@ -129,9 +128,8 @@ def score_naive(model: Transformer, head: YesNoHead, prefix_ids: list[int], ques
         ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
         for row, i in enumerate(idx):
             ids[row, : lengths[i]] = torch.tensor(seqs[i])
-        hidden = model(ids.to(dev), final_norm=False)
         last = torch.tensor([lengths[i] - 1 for i in idx], device=dev)
-        out[torch.tensor(idx)] = head.scores(hidden[torch.arange(len(idx), device=dev), last]).float().cpu()
+        out[torch.tensor(idx)] = head.scores(model(ids.to(dev), final_norm=False, last=last)[:, 0]).float().cpu()
     return out
 
 

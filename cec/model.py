@@ -73,16 +73,24 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_offset)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_offset)
 
-    def forward(self, x, cos, sin, masks: LayerMasks, cache=None, prefix=None):
+    def forward(self, x, cos, sin, masks: LayerMasks, cache=None, prefix=None, rows=None):
+        """rows [B]: only these positions (one per sequence) need an output; the others still give K/V."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.nh, self.hd)
+        if rows is not None:
+            masks, (cos_q, sin_q) = _select_rows(masks, rows, t, x.device), _rope_rows(cos, sin, rows)
+            q = self.q_proj(x[torch.arange(b, device=x.device), rows].unsqueeze(1)).view(b, 1, self.nh, self.hd)
+        else:
+            cos_q, sin_q = cos, sin
+            q = self.q_proj(x).view(b, t, self.nh, self.hd)
+        tq = q.shape[1]
         k = self.k_proj(x).view(b, t, self.nkv, self.hd)
         v = self.v_proj(x).view(b, t, self.nkv, self.hd).transpose(1, 2)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
+        q = q * cos_q + rotate_half(q) * sin_q
         k = k * cos + rotate_half(k) * sin
+        t = tq
         if prefix is not None:
             # every question token against the one shared prefix: all B*L queries as one block, no K/V copies
             pk, pv = prefix.layer(self.idx)
@@ -97,6 +105,27 @@ class Attention(nn.Module):
                 k, v = cache.update(self.idx, k, v)
             o = attend(q, k, v, self.scale, masks.attn, self.softcap)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.nh * self.hd))
+
+
+def _select_rows(masks: LayerMasks, rows, t: int, device) -> LayerMasks:
+    """The masks of one query row per sequence: attn [B, 1, 1, T], prefix [B, P]."""
+    b = rows.shape[0]
+    sel = torch.arange(b, device=device)
+    if masks.attn is None:  # plain causal with aligned positions
+        attn = torch.arange(t, device=device).view(1, t) <= rows.view(b, 1)
+    elif masks.attn.dim() == 2:
+        attn = masks.attn[rows]
+    else:
+        attn = masks.attn[sel, 0, rows]
+    prefix = None if masks.prefix is None else masks.prefix[sel * t + rows]
+    return LayerMasks(attn.view(b, 1, 1, t), prefix)
+
+
+def _rope_rows(cos, sin, rows):
+    if cos.dim() == 2:  # [T, D] shared by the batch
+        return cos[rows][:, None, None], sin[rows][:, None, None]
+    sel = torch.arange(rows.shape[0], device=rows.device)  # [B, 1, T, D]
+    return cos[sel, :, rows].unsqueeze(2), sin[sel, :, rows].unsqueeze(2)
 
 
 class MLP(nn.Module):
@@ -126,8 +155,10 @@ class Block(nn.Module):
             self.pre_feedforward_layernorm = norm()
             self.post_feedforward_layernorm = norm()
 
-    def forward(self, h, cos, sin, masks, cache=None, prefix=None):
-        a = self.self_attn(self.input_layernorm(h), cos, sin, masks, cache, prefix)
+    def forward(self, h, cos, sin, masks, cache=None, prefix=None, rows=None):
+        a = self.self_attn(self.input_layernorm(h), cos, sin, masks, cache, prefix, rows)
+        if rows is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), rows].unsqueeze(1)
         if self.post_norms:
             h = h + self.post_attention_layernorm(a)
             return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
@@ -247,8 +278,11 @@ class Transformer(nn.Module):
         return out
 
     def forward(self, input_ids, positions=None, mask=None, cache: KVCache | None = None,
-                prefix: KVCache | None = None, final_norm: bool = True):
+                prefix: KVCache | None = None, final_norm: bool = True, last: torch.Tensor | None = None):
         """Hidden states [B, T, H] (after the final norm unless final_norm=False).
+
+        last: [B] the one position per sequence whose hidden state is wanted: the final layer then runs its
+        queries, output projection and MLP for that row only, and the result is [B, 1, H].
 
         positions: [T] or [B, T] absolute positions (default: continue the cache or the prefix).
         mask: extra bool mask [T, T] or [B, T, T] (True = may attend), e.g. the block mask of packed training.
@@ -267,10 +301,12 @@ class Transformer(nn.Module):
         rope = self._rope(positions, h.dtype)
         windows = {cfg.sliding_window if cfg.is_sliding(i) else None for i in range(cfg.num_layers)}
         masks = self._masks(positions, k_pos, mask, prefix, windows, b)
+        final = cfg.num_layers - 1
         for i, layer in enumerate(self.model.layers):
             sliding = cfg.is_sliding(i)
             cos, sin = rope["local" if sliding and "local" in rope else "global"]
-            h = layer(h, cos, sin, masks[cfg.sliding_window if sliding else None], cache, prefix)
+            h = layer(h, cos, sin, masks[cfg.sliding_window if sliding else None], cache, prefix,
+                      last if i == final else None)
         if cache is not None:
             cache.commit()
         return self.model.norm(h) if final_norm else h

@@ -84,3 +84,19 @@ def test_packed_block_mask_equals_separate_sequences(pair):
         h2 = ours(torch.cat([prefix, q2]).view(1, -1))[0]
     assert (h[12:16] - h1[12:]).abs().max().item() < TOL
     assert (h[16:] - h2[12:]).abs().max().item() < TOL
+
+
+def test_last_rows_only_equals_full_output(pair):
+    """With `last`, the final layer computes one row per sequence; it equals that row of the full forward."""
+    _, _, ours = pair
+    ids = torch.randint(0, 300, (3, 21), generator=torch.Generator().manual_seed(5))
+    last = torch.tensor([20, 3, 11])
+    with torch.no_grad():
+        full = ours(ids, final_norm=False)
+        cut = ours(ids, final_norm=False, last=last)
+        pos = torch.arange(21).expand(3, 21)  # per-sequence positions take the [B, 1, T, D] RoPE path
+        cut2 = ours(ids, positions=pos, final_norm=False, last=last)
+    want = full[torch.arange(3), last]
+    assert cut.shape == (3, 1, full.shape[-1])
+    assert (cut[:, 0] - want).abs().max().item() < TOL
+    assert (cut2[:, 0] - want).abs().max().item() < TOL
