@@ -28,6 +28,7 @@ from cec.concepts import (DEFAULT_GAMMA, ChatCompletionsBackend, LocalModelBacke
 from cec.data import read_text_file
 from cec.errors import DataError
 from cec.icd import code_system
+from cec.io import prepare_output
 
 
 def read_code_table(path: Path, normalize) -> tuple[list[str], dict[str, str], dict[str, str]]:
@@ -89,6 +90,7 @@ def main(argv=None):
     gen.add_argument("--attempts", type=int, default=3, help="calls per batch before a code is reported failed")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    prepare_output(args.out)
 
     if args.codes:
         if not args.code_system or not args.backend:
@@ -99,6 +101,7 @@ def main(argv=None):
                            d_icd_procedures=args.d_icd_procedures)
         system = code_system(args.code_system, **sources)
         codes, descriptions, parents = read_code_table(args.codes, system.normalize)
+        prepare_output(args.raw)
         entries = code_entries(codes, system, descriptions, parents)
         if args.backend == "http":
             if not args.url or not args.model:

@@ -25,7 +25,7 @@ from cec.data import read_notes  # noqa: E402
 from cec.errors import ConfigError  # noqa: E402
 from cec.evaluation import (default_cache_path, parse_systems, render_markdown, resolve_setup,  # noqa: E402
                             run_evaluation)
-from cec.io import atomic_write_json, atomic_write_text  # noqa: E402
+from cec.io import atomic_write_json, atomic_write_text, prepare_output  # noqa: E402
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -65,6 +65,9 @@ def main(argv=None) -> dict:
         raise ConfigError("--k must be at least 1")
     if args.batch_tokens < 1:
         raise ConfigError("--batch-tokens must be at least 1")
+    json_path = Path(args.json) if args.json else Path(args.out).with_suffix(".json")
+    for output in (args.out, json_path):
+        prepare_output(output)
     test, dev = read_notes(args.test), read_notes(args.dev)
     if args.max_notes:
         test, dev = test[: args.max_notes], dev[: args.max_notes]
@@ -78,7 +81,6 @@ def main(argv=None) -> dict:
                                       train is not None)
     for line in left_out:
         print(f"[cec] {line}", file=sys.stderr)
-    json_path = Path(args.json) if args.json else Path(args.out).with_suffix(".json")
     cache = Path(args.cache) if args.cache else default_cache_path(json_path)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     sources = {"test": args.test, "dev": args.dev, "train": args.train, "pipeline": args.pipeline,
