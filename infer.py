@@ -37,9 +37,9 @@ import time
 from pathlib import Path
 
 from cec.cli import user_errors
-from cec.data import read_text_file
+from cec.data import parse_json_line, read_text_file
 from cec.errors import ConfigError, DataError
-from cec.io import atomic_write_bytes, atomic_write_json
+from cec.io import atomic_write_bytes, atomic_write_json, prepare_output
 
 PROG = "infer.py"
 EXAMPLE_NOTE = Path(__file__).resolve().parent / "cec" / "resources" / "example_note.txt"
@@ -85,10 +85,7 @@ def read_batch(path: Path) -> list[dict]:
             line = decode_text(raw, where)
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            obj = parse_json_line(line, where)
             if not isinstance(obj, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             if not isinstance(obj.get("id"), str) or not obj["id"]:
@@ -236,7 +233,7 @@ def run_batch(args, rank: int, world: int) -> None:
     from tqdm import tqdm
 
     notes = read_batch(Path(args.notes))
-    out = Path(args.out)
+    out = prepare_output(args.out)
     known = {n["id"] for n in notes}
     shard = notes[rank::world]
     part = out if world == 1 else Path(f"{out}.rank{rank}")

@@ -6,6 +6,10 @@ A code list is one code per line (.txt), or a TSV whose header row has a `code` 
 Text files are decoded as UTF-8 (a BOM is dropped, CRLF and CR become LF). A file that is not valid UTF-8 is
 decoded with U+FFFD replacement characters and a warning is logged, so one stray byte in a corpus of thousands
 does not stop a build. A file with NUL bytes is binary, not text, and is refused with DataError.
+
+Notes JSONL read for training and evaluation must be UTF-8, as JSON requires: a line that is not is a DataError
+naming the file and line (a BOM at the start is dropped), so a dataset is never trained or scored on silently
+altered text. (infer.py, which codes whatever notes a user has, decodes such a line with a warning instead.)
 """
 import json
 import logging
@@ -52,6 +56,17 @@ def _validate_note(obj, where: str) -> dict:
     return obj
 
 
+def parse_json_line(line: str, where: str):
+    """One JSON value; anything json.loads refuses (syntax, a 5,000-digit number, nesting deeper than the
+    interpreter's recursion limit) is a DataError naming `where`."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except (ValueError, RecursionError) as e:
+        raise DataError(f"{where}: invalid JSON ({type(e).__name__}: {str(e)[:100]})") from None
+
+
 def read_notes(path: str | Path) -> list[dict]:
     path = Path(path)
     try:
@@ -65,15 +80,12 @@ def read_notes(path: str | Path) -> list[dict]:
         for lineno, line in enumerate(f, start=1):
             where = f"{path}:{lineno}"
             try:
-                line = line.decode("utf-8")
-            except UnicodeDecodeError:
-                raise DataError(f"{where}: not valid UTF-8") from None
+                line = line.decode("utf-8-sig" if lineno == 1 else "utf-8")  # an editor's BOM is dropped
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not valid UTF-8 (byte {e.start + 1}); notes files must be UTF-8") from None
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            obj = parse_json_line(line, where)
             note = _validate_note(obj, where)
             if note["id"] in seen:
                 raise DataError(f"{where}: duplicate note id {note['id']!r} (first on line {seen[note['id']]})")
