@@ -25,19 +25,22 @@ and wrote 40.7, a bug that medical-coding-reproducibility fixed).
 prompts show it.
 """
 import argparse
+import codecs
 import csv
 import gzip
+import io
 import json
 import logging
 import re
 import sys
+import zlib
 from collections import defaultdict
 from pathlib import Path
 
 from tqdm import tqdm
 
 from cec.cli import user_errors
-from cec.data import read_codes, write_codes, write_notes
+from cec.data import read_codes, read_text_file, write_codes, write_notes
 from cec.errors import DataError
 
 log = logging.getLogger("prepare_mimic3")
@@ -53,17 +56,43 @@ def find_table(mimic_dir: Path, name: str) -> Path:
     raise DataError(f"{mimic_dir}: no {name}.csv or {name}.csv.gz")
 
 
+class _ReplacementCounter:
+    """A codecs error handler that replaces each undecodable byte run with U+FFFD and counts the rows hit."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, error: UnicodeDecodeError):
+        self.count += 1
+        return "\ufffd", error.end
+
+
 def read_table(path: Path):
-    """Rows of a MIMIC CSV as dicts with upper-case column names; every value a string."""
+    """Rows of a MIMIC CSV (.csv or .csv.gz) as dicts with upper-case column names; every value a string.
+    Bytes that are not valid UTF-8 are replaced by U+FFFD with one warning per file (as cec.data does for text
+    files); a row with the wrong number of fields, NUL bytes or a corrupt gzip stream is a DataError."""
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8", newline="") as f:
-        reader = csv.reader(f)
-        header = [h.strip().upper() for h in next(reader, [])]
-        for lineno, row in enumerate(tqdm(reader, desc=path.name, unit=" rows", leave=False), start=2):
-            if len(row) != len(header):
-                raise DataError(f"{path}: row {lineno}: {len(row)} fields, header has {len(header)}")
-            yield dict(zip(header, row))
+    replaced = _ReplacementCounter()
+    handler = f"cec-count-{id(replaced)}"
+    codecs.register_error(handler, replaced)
+    lineno = 1
+    try:
+        with opener(path, "rt", encoding="utf-8", errors=handler, newline="") as f:
+            reader = csv.reader(f)
+            header = [h.strip().upper() for h in next(reader, [])]
+            for row in tqdm(reader, desc=path.name, unit=" rows", leave=False):
+                lineno = reader.line_num
+                if len(row) != len(header):
+                    raise DataError(f"{path}:{lineno}: {len(row)} fields, the header has {len(header)}")
+                yield dict(zip(header, row))
+    except csv.Error as e:
+        raise DataError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: corrupt or truncated gzip file ({e})") from None
+    if replaced.count:
+        log.warning("%s: %d row%s with bytes that are not valid UTF-8, replaced with U+FFFD", path, replaced.count,
+                    "s" if replaced.count > 1 else "")
 
 
 def require_columns(path: Path, row: dict, columns: tuple[str, ...]):
@@ -127,7 +156,7 @@ def read_admission_codes(diag_path: Path, proc_path: Path, keep: set[str]) -> di
 def read_id_list(path: Path) -> list[str]:
     if not path.is_file():
         raise DataError(f"{path}: missing split file")
-    ids = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    ids = [ln.strip() for ln in read_text_file(path).splitlines() if ln.strip()]
     bad = [i for i in ids if not i.isdigit()]
     if bad or not ids:
         raise DataError(f"{path}: expected one numeric hadm_id a line" + (f", got {bad[0]!r}" if bad else ""))
@@ -138,8 +167,7 @@ def read_rare50_split(path: Path) -> list[tuple[str, list[str]]]:
     """(hadm_id, labels with repeats dropped) rows of a KEPT rare50 split file."""
     if not path.is_file():
         raise DataError(f"{path}: missing split file")
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = list(csv.DictReader(io.StringIO(read_text_file(path), newline="")))
     if not rows or not {"hadm_id", "labels"} <= set(rows[0]):
         raise DataError(f"{path}: expected columns subject_id,hadm_id,labels")
     out = []
