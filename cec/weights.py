@@ -185,6 +185,21 @@ def hf_key(key: str) -> str | None:
     return key
 
 
+def read_model_config(path: Path) -> ModelConfig:
+    """config.json as a ModelConfig; unreadable, non-UTF-8, malformed or non-object JSON is one ConfigError."""
+    try:
+        hf = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not valid UTF-8 (byte {e.start}); is it a config.json?") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(hf).__name__}")
+    return ModelConfig.from_hf(hf)
+
+
 def load_hf_folder(folder: str | Path, *, device="cpu", dtype: torch.dtype | None = None):
     """A Transformer from config.json + safetensors, built on the meta device and filled tensor by tensor."""
     from safetensors import SafetensorError, safe_open
@@ -194,7 +209,7 @@ def load_hf_folder(folder: str | Path, *, device="cpu", dtype: torch.dtype | Non
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ConfigError(f"no config.json in {folder}")
-    config = ModelConfig.from_json(folder / "config.json")
+    config = read_model_config(folder / "config.json")
     dtype = dtype or default_dtype(device)
     files = weight_files(folder)
     with torch.device("meta"):
