@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from cec.cache import common_prefix_len, head_for
 from cec.errors import CECError
 from cec.io import atomic_write_text
-from cec.lora import LoraConfig, lora_parameters, lora_state_dict, save_adapter
+from cec.lora import (META_FILE, WEIGHTS_FILE, LoraConfig, lora_parameters, lora_state_dict, model_fingerprint,
+                      save_adapter)
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.pt"
@@ -389,18 +390,48 @@ class Trainer:
             shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self, path: Path) -> None:
+        """Restore a checkpoint; one that is damaged or made for another base model or LoRA setup is a
+        TrainingError (one line), never a half-restored run."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        def unreadable(name, e):
+            detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            return TrainingError(f"checkpoint {path}: unreadable {name} ({detail[:200]}); remove that folder to "
+                                 "resume from the checkpoint before it")
+
+        try:  # our own file, loaded without unpickling code (weights_only)
+            state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 -- torch raises RuntimeError, UnpicklingError, EOFError, OSError...
+            raise unreadable(STATE_FILE, e) from None
+        if not isinstance(state, dict) or not {"optimizer", "scheduler", "step", "notes_seen", "rng"} <= set(state):
+            raise unreadable(STATE_FILE, ValueError("keys missing"))
         saved_lora = state.get("lora", {})
         for key in ("r", "target_modules", "use_rslora"):
             if key in saved_lora and saved_lora[key] != asdict(self.lora_config)[key]:
                 raise TrainingError(f"checkpoint {path} has LoRA {key}={saved_lora[key]!r}, this run "
                                     f"{asdict(self.lora_config)[key]!r}: resume with the same options")
-        tensors = load_file(str(path / "adapter_model.safetensors"))
+        try:
+            saved_model = json.loads((path / META_FILE).read_text()).get("model")
+        except (OSError, ValueError, AttributeError):
+            saved_model = None
+        ours = model_fingerprint(self.model)
+        if saved_model and ours:
+            diff = [f"{k} {v} vs {ours[k]}" for k, v in saved_model.items() if k in ours and v != ours[k]]
+            if diff:
+                raise TrainingError(f"checkpoint {path} was made for another base model ({', '.join(diff)}): "
+                                    "resume with the --model it was trained with")
+        try:
+            tensors = load_file(str(path / WEIGHTS_FILE))
+        except (SafetensorError, OSError) as e:
+            raise unreadable(WEIGHTS_FILE, e) from None
         params = lora_state_dict(self.model, peft_names=True)
         if set(tensors) != set(params):
             raise TrainingError(f"checkpoint {path} does not match this model's LoRA layers")
+        for k, p in params.items():
+            if tuple(tensors[k].shape) != tuple(p.shape):
+                raise TrainingError(f"checkpoint {path} was made for another base model: {k} has shape "
+                                    f"{tuple(tensors[k].shape)}, this model needs {tuple(p.shape)}")
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(tensors[k].to(p.dtype))
@@ -426,7 +457,14 @@ class Trainer:
         """After a resume, drop log lines of steps past the checkpoint (they will be run again)."""
         path = self.out / LOG_FILE
         if self.dist.rank == 0 and path.is_file():
-            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
+            keep = []
+            for ln in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    step = json.loads(ln)["step"]
+                except (ValueError, KeyError, TypeError):  # a line torn by a crash mid-write
+                    continue
+                if step <= self.step:
+                    keep.append(ln)
             atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
     # -- the loop ---------------------------------------------------------------------------------------
