@@ -133,10 +133,35 @@ def check_args(args) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
+
+
+def check_run_folder(args) -> None:
+    from cec.errors import ConfigError
     from cec.trainer import latest_checkpoints
 
+    out = Path(args.out)
     if not args.resume and (latest_checkpoints(out) or (out / "adapter_model.safetensors").exists()):
         raise ConfigError(f"--out {out} already holds a run; pass --resume to continue it, or choose another --out")
+
+
+def read_data(args):
+    """(concept set, training notes, dev notes), checked; read before torch loads, so a bad file is reported at
+    once. Non-UTF-8 bytes in a notes file are an error naming the file and line (cec.data.read_notes)."""
+    from cec.concepts import load_concept_set
+    from cec.data import read_notes
+    from cec.errors import DataError
+    from cec.examples import check_labels
+
+    concept_set = load_concept_set(args.concepts)
+    notes = read_notes(args.data)
+    if not notes:
+        raise DataError(f"{args.data}: no notes")
+    dev = read_notes(args.dev) if args.dev else []
+    try:
+        notes = check_labels(notes, concept_set, args.drop_unknown_codes)
+    except DataError as e:
+        raise DataError(f"{args.data}: {e}") from None
+    return concept_set, notes, check_labels(dev, concept_set, True)
 
 
 def setup_distributed(args):
@@ -158,18 +183,18 @@ def setup_distributed(args):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    check_args(args)
+    concept_set, notes, dev = read_data(args)
     import torch
 
     from cec import prompts
-    from cec.concepts import load_concept_set
-    from cec.data import read_notes
-    from cec.errors import ConfigError, DataError
-    from cec.examples import ExampleOptions, build_examples, check_labels
+    from cec.errors import ConfigError
+    from cec.examples import ExampleOptions, build_examples
     from cec.lora import inject_lora
     from cec.trainer import TrainConfig, Trainer
     from cec.weights import default_dtype, load_model
 
-    check_args(args)
+    check_run_folder(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world, device = setup_distributed(args)
@@ -181,11 +206,6 @@ def main(argv=None) -> None:
     try:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"--device {device}: CUDA is not available")
-        concept_set = load_concept_set(args.concepts)
-        notes = check_labels(read_notes(args.data), concept_set, args.drop_unknown_codes)
-        if not notes:
-            raise DataError(f"{args.data}: no notes")
-        dev = check_labels(read_notes(args.dev), concept_set, True) if args.dev else []
         dtype = {"auto": default_dtype(device), "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
         model, tokenizer = load_model(args.model, device=device, dtype=dtype)
         yes_ids, no_ids = prompts.answer_ids(tokenizer, args.stage)
