@@ -364,20 +364,26 @@ class Trainer:
                                          for k, v in _rng_state(self.device).items()})
         path = self.out / CHECKPOINTS / f"step-{self.step:06d}"
         if d.rank == 0:
-            tmp = self.out / CHECKPOINTS / f".tmp-step-{self.step:06d}-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
+            root = self.out / CHECKPOINTS
+            for stale in root.glob(".tmp-step-*"):  # left by a process killed while saving
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp = root / f".tmp-step-{self.step:06d}-{os.getpid()}"
             tmp.mkdir(parents=True)
-            save_adapter(self.model, tmp, self.lora_config, meta=self._lora_meta())
-            state = {"step": self.step, "notes_seen": self.notes_seen, "world_size": d.world,
-                     "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                     "rng": rng, "config": asdict(self.cfg), "lora": asdict(self.lora_config)}
-            with open(tmp / STATE_FILE, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
+            try:
+                save_adapter(self.model, tmp, self.lora_config, meta=self._lora_meta())
+                state = {"step": self.step, "notes_seen": self.notes_seen, "world_size": d.world,
+                         "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                         "rng": rng, "config": asdict(self.cfg), "lora": asdict(self.lora_config)}
+                with open(tmp / STATE_FILE, "wb") as f:
+                    torch.save(state, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                if path.exists():
+                    shutil.rmtree(path)
+                os.replace(tmp, path)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             self._prune()
         if d.on:
             dist.barrier()
