@@ -150,10 +150,10 @@ def write_tiny_model(folder: str | Path, seed: int = 0, tokenizer=None, **config
     """An HF folder (config.json, model.safetensors, tokenizer files) of a tiny random Gemma 3, built with our
     engine (no transformers needed)."""
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from cec.config import ModelConfig
-    from cec.io import atomic_write_json
+    from cec.io import atomic_write_bytes, atomic_write_json
     from cec.model import Transformer
 
     folder = Path(folder)
@@ -167,7 +167,7 @@ def write_tiny_model(folder: str | Path, seed: int = 0, tokenizer=None, **config
                 p.normal_(0.0, 0.3)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    atomic_write_bytes(folder / "model.safetensors", save(state, metadata={"format": "pt"}))
     atomic_write_json(folder / "config.json", config)
     tok.save(folder)
     return folder
