@@ -453,7 +453,8 @@ class ChatCompletionsBackend:
                 content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
             return str(content)
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
-            raise GeneratorError(f"{self.url}: not a chat-completions answer ({type(e).__name__}: {e})") from None
+            raise GeneratorError(f"{self.url}: not a chat-completions answer "
+                                 f"({type(e).__name__}: {self.redact(str(e))})") from None
 
 
 class LocalModelBackend:
@@ -543,9 +544,9 @@ def generate_candidates(entries: dict[str, dict], backend, out_path: str | Path,
             remaining, reply_file = list(batch), None
             for attempt in range(1, max_attempts + 1):
                 prompt = build_prompt(level, [{"code": c, **raw["codes"][c]} for c in remaining])
-                reply = backend.complete(prompt)
+                reply = backend.redact(backend.complete(prompt))  # a reply that echoes the key never keeps it
                 reply_file = replies / f"{n:03d}-{level}-try{attempt}.txt"
-                atomic_write_text(reply_file, backend.redact(reply))
+                atomic_write_text(reply_file, reply)
                 for code, phrases in parse_reply(reply, remaining).items():
                     raw["codes"][code][key] = phrases
                 remaining = [c for c in remaining if not raw["codes"][c][key]]
