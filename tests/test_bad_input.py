@@ -169,14 +169,6 @@ def _(k, tmp, request):
     return "infer.py", ["--pipeline", tmp / "pipe", "--note", k.note], r"cec_pipeline\.json: malformed .*line 2"
 
 
-@case("infer-pipeline-model-missing")
-def _(k, tmp, request):
-    (tmp / "pipe").mkdir()
-    (tmp / "pipe" / "cec_pipeline.json").write_text(json.dumps({"base_model": "./no-such-model",
-                                                               "concept_set": str(k.concepts)}))
-    return "infer.py", ["--pipeline", tmp / "pipe", "--note", k.note], r"no such model '\./no-such-model'"
-
-
 @case("infer-adapter-for-another-base-model")
 def _(k, tmp, request):
     return "infer.py", ["--pipeline", k.pipe, "--note", k.note, "--concept-adapter", k.root / "other_adapter"], \
@@ -467,11 +459,6 @@ def _(k, tmp, request):
     (tmp / "file").write_text("x")
     return "evaluate.py", ["--test", k.dev, "--dev", k.dev, "--pipeline", k.pipe, "--out", tmp / "file" / "t.md"], \
         r"cannot write .*t\.md: .*file is a file, not a folder"
-
-
-@case("evaluate-model-corrupt-gguf")
-def _(k, tmp, request):
-    return "evaluate.py", evaluate_args(k, tmp, "--model", corrupt_gguf(tmp / "m.gguf")), r"cannot read GGUF file"
 
 
 @pytest.mark.parametrize("name", CASES)
