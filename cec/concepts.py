@@ -42,6 +42,7 @@ import re
 import time
 import urllib.error
 import urllib.request
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -312,7 +313,9 @@ def _balanced_spans(text: str):
 def _literal(text: str):
     for parse in (json.loads, ast.literal_eval):
         try:
-            return parse(text)
+            with warnings.catch_warnings():  # "'\d'" in a reply: not a SyntaxWarning on the user's console
+                warnings.simplefilter("ignore")
+                return parse(text)
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             continue
     return None
