@@ -52,6 +52,12 @@ def read_code_table(path: Path, normalize) -> tuple[list[str], dict[str, str], d
         fields = line.split("\t")
         try:
             code = normalize(field(fields, "code"))
+            if "-" in code:  # a range ("401-405.99"): the normaliser passes it through, so check its bounds
+                bounds = code.split("-")
+                if len(bounds) != 2:
+                    raise DataError(f"not a code range: {code!r}")
+                for bound in bounds:
+                    normalize(bound)
         except DataError as e:
             raise DataError(f"{path}:{n}: {e}") from None
         if code in codes:
