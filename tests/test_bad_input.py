@@ -322,6 +322,14 @@ def _(k, tmp, request):
                                  "--out", tmp / "o.json"], r"codes\.txt:2: not an ICD-10-CM code: 'hypertension'"
 
 
+@case("build-codes-not-a-range")
+def _(k, tmp, request):
+    (tmp / "codes.tsv").write_text("code\tdescription\n401.9\tHypertension\nfoo-bar\tSomething\n")
+    return "build_concepts.py", ["--codes", tmp / "codes.tsv", "--code-system", "icd9cm", "--backend", "http",
+                                 "--url", "http://127.0.0.1:9/v1", "--model", "m", "--raw", tmp / "raw.json",
+                                 "--out", tmp / "o.json"], r"codes\.tsv:3: not an ICD-9-CM code: 'FOO'"
+
+
 @case("build-out-under-a-file")
 def _(k, tmp, request):
     (tmp / "raw.json").write_text(json.dumps(raw_candidates()))
