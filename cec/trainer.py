@@ -418,9 +418,17 @@ class Trainer:
                 raise TrainingError(f"checkpoint {path} has LoRA {key}={saved_lora[key]!r}, this run "
                                     f"{asdict(self.lora_config)[key]!r}: resume with the same options")
         try:
-            saved_model = json.loads((path / META_FILE).read_text()).get("model")
-        except (OSError, ValueError, AttributeError):
-            saved_model = None
+            saved_meta = json.loads((path / META_FILE).read_text())
+        except (OSError, ValueError):
+            saved_meta = {}
+        saved_meta = saved_meta if isinstance(saved_meta, dict) else {}
+        for key in ("stage", "code_system", "concept_set", "concept_set_codes"):
+            if key in saved_meta and key in self.meta and saved_meta[key] != self.meta[key]:
+                what = "another code set" if key == "concept_set_codes" else f"{key} {saved_meta[key]!r}"
+                raise TrainingError(f"checkpoint {path} was made for {what}, this run has "
+                                    f"{'other codes' if key == 'concept_set_codes' else repr(self.meta[key])}: "
+                                    "resume with the same --stage and --concepts")
+        saved_model = saved_meta.get("model")
         ours = model_fingerprint(self.model)
         if saved_model and ours:
             diff = [f"{k} {v} vs {ours[k]}" for k, v in saved_model.items() if k in ours and v != ours[k]]
