@@ -231,7 +231,8 @@ def main(argv=None) -> None:
                              save_dtype=args.save_dtype, progress=not args.no_progress)
         meta = {"stage": args.stage, "concept_set": concept_set.name, "code_system": concept_set.code_system,
                 "prompts": "paper", "yes_answers": list(prompts.YES_ANSWERS), "no_answers": list(prompts.NO_ANSWERS),
-                "train_notes": len(notes), "seed": args.seed}
+                "train_notes": len(notes), "seed": args.seed,
+                "concept_set_codes": list(concept_set.codes)}  # what infer.py and evaluate.py check the set against
         log(f"stage {args.stage}: {len(notes)} notes, {len(dev)} dev notes, {world} process(es) on {device}, "
             f"LoRA r={args.r} alpha={args.alpha:g} on {', '.join(lora_config.target_modules)}; "
             f"{args.steps} steps of {args.grad_accum * world} notes")
