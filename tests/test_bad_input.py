@@ -271,6 +271,25 @@ def _(k, tmp, request):
         r"checkpoint .*step-000001.* another base model"
 
 
+@case("train-resume-with-another-concept-set")
+def _(k, tmp, request):
+    run = request.getfixturevalue("stopped_run")
+    shutil.copytree(run, tmp / "run")
+    return "train.py", train_args(k, tmp / "run", "--steps", "3", "--resume", "--concepts",
+                                  k.root / "renamed_codes.json", "--drop-unknown-codes"), \
+        r"checkpoint .*step-000001 was made for concept_set 'soak-tiny', this run has 'renamed'"
+
+
+@case("infer-adapter-trained-for-another-concept-set")
+def _(k, tmp, request):
+    """train.py records the codes an adapter was trained for; infer.py refuses it with another concept set."""
+    run = request.getfixturevalue("stopped_run")
+    adapter = tmp / "adapter"
+    shutil.copytree(run / "checkpoints" / "step-000001", adapter)
+    return "infer.py", ["--pipeline", k.pipe, "--note", k.note, "--concepts", k.root / "renamed_codes.json",
+                        "--label-adapter", adapter], r"adapter: adapter was trained for another code set"
+
+
 @case("train-resume-from-a-corrupt-checkpoint")
 def _(k, tmp, request):
     run = request.getfixturevalue("stopped_run")
