@@ -11,6 +11,11 @@ label alpha=128 on k_proj and v_proj; gradient accumulation 4. One optimizer ste
 process, each note with all its questions (so one step sees tens of question-answer pairs, not one).
 The run folder gets the adapter (adapter_config.json + adapter_model.safetensors, PEFT's format; cec_adapter.json),
 checkpoints/step-N/ for --resume, and train_log.jsonl (loss per step, dev loss/AUC/accuracy).
+
+Notes files must be UTF-8, as JSON requires (a line that is not is an error naming the file and line). Bad input
+(a missing or malformed file, an unknown code, weights or a checkpoint of another model) is one line on stderr and
+exit status 2. A run killed at any point resumes from its last checkpoint with --resume and ends with the same
+adapter; a loss that is not finite stops the run and names the last good checkpoint.
 """
 from __future__ import annotations
 
