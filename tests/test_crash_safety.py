@@ -342,3 +342,18 @@ def test_every_raw_file_write_is_known_to_be_crash_safe():
     assert not unknown, "writes that bypass cec.io (use atomic_write_*): " + "; ".join(unknown)
     seen = {(str(p.relative_to(ROOT)), f) for p in sources for f, _, _ in raw_writes(p)}
     assert set(RAW_WRITES) <= seen, f"stale entries: {set(RAW_WRITES) - seen}"  # the scan sees what it lists
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The soak script (scripts/soak_batch.py; its 1,000-note figures are reported, not asserted here)
+# ---------------------------------------------------------------------------------------------------------
+def test_soak_script_codes_generated_notes_and_reports_memory_and_speed(kit, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "soak_batch.py"), "-n", "24", "--mark", "8",
+                           "--pipeline", str(kit.pipe), "--workdir", str(tmp_path)], capture_output=True, env=ENV,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["ok"] and result["lines_ok"] and result["coded"] == 24 and result["mark"] >= 8
+    assert 0 < result["peak_rss_mb_at_mark"] <= result["peak_rss_mb_at_end"] * 1.01
+    assert result["notes_per_s"] > 0
+    assert len((tmp_path / "preds.jsonl").read_text().splitlines()) == 24
