@@ -3,6 +3,7 @@ our own optimizer checkpoints load with weights_only=True); the HTTP generator's
 a saved reply or an output; the HTML report renders any note as text."""
 import ast
 import json
+import logging
 import os
 import pickle
 import re
@@ -191,22 +192,36 @@ class EchoServer:
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
 
-def test_the_api_key_never_reaches_logs_saved_replies_or_outputs(tmp_path):
+class OneHotEmbedder:
+    """Stands in for MiniLM: every distinct phrase its own direction, so nothing merges."""
+
+    def encode(self, phrases, **kw):
+        import numpy as np
+
+        return np.eye(len(phrases), dtype=np.float32)
+
+
+def test_the_api_key_never_reaches_logs_saved_replies_or_outputs(tmp_path, monkeypatch, caplog, capsys):
+    from cec.concepts import ChatCompletionsBackend, build_concept_set, generate_candidates, read_candidates
+
+    monkeypatch.setenv("CEC_API_KEY", KEY)
+    entries = {code: {"description": f"disease {code}", "parent": {"code": code[:3], "description": "group"},
+                      "parent_concepts": [], "leaf_concepts": []} for code in ("I10", "E11.9", "J18.9")}
     server = EchoServer()
     try:
-        (tmp_path / "codes.txt").write_text("I10\nE11.9\nJ18.9\n")
-        proc = run("scripts/build_concepts.py", "--codes", tmp_path / "codes.txt", "--code-system", "icd10cm",
-                   "--backend", "http", "--url", server.url, "--model", "m", "--retries", 2, "--raw",
-                   tmp_path / "set.raw.json", "--out", tmp_path / "set.json",
-                   env=ENV | {"CEC_API_KEY": KEY}, cwd=tmp_path)
+        backend = ChatCompletionsBackend(server.url, "m", retries=2, backoff=0.01)
+        with caplog.at_level(logging.DEBUG):
+            raw = generate_candidates(entries, backend, tmp_path / "set.raw.json", code_system="icd10cm",
+                                      code_set="t")
     finally:
         server.httpd.shutdown()
         server.httpd.server_close()
-    err = proc.stderr.decode()
-    assert proc.returncode == 0, err
+    build_concept_set(read_candidates(tmp_path / "set.raw.json"), embedder=OneHotEmbedder()).save(tmp_path / "set.json")
     assert server.auth and all(a == f"Bearer {KEY}" for a in server.auth)  # the key was sent...
-    assert "HTTP 500" in err and "[API key]" in err  # ...the failed call was logged, redacted
-    assert KEY not in err and KEY not in proc.stdout.decode()
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "HTTP 500" in logged and "[API key]" in logged  # ...the failed call was logged, redacted
+    assert KEY not in logged and KEY not in "".join(capsys.readouterr())
+    assert all(raw["codes"][c]["leaf_concepts"] for c in entries) and not raw["failures"]
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert {p.name for p in written} >= {"set.raw.json", "set.json", "000-parent-try1.txt", "001-leaf-try1.txt"}
     for p in written:
