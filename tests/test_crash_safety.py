@@ -36,6 +36,17 @@ def kit(tmp_path_factory):
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny models gain nothing from a second thread; on this shared CPU it costs several times over."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def command(script, *args):
     return [sys.executable, str(ROOT / script), *map(str, args)]
 
@@ -316,13 +327,14 @@ def raw_writes(path: Path) -> list[tuple[str, int, str]]:
                 call = ast.unparse(child.func)
                 mode = next((ast.literal_eval(a) for a in child.args[1:2] if isinstance(a, ast.Constant)), None)
                 mode = next((ast.literal_eval(k.value) for k in child.keywords if k.arg == "mode"), mode)
+                writing_mode = isinstance(mode, str) and bool(set(mode) & set("wax+"))
                 writes = (
-                    (call in ("open", "io.open", "gzip.open", "os.fdopen") and isinstance(mode, str) and set(mode) & set("wax+"))
+                    (call in ("open", "io.open", "gzip.open", "os.fdopen") and writing_mode)
                     or (call == "os.open" and ast.unparse(child.args[0]) != "os.devnull")
                     or call in ("torch.save", "save_file", "shutil.copy", "shutil.copyfile",
                                 "shutil.copy2", "np.save", "os.truncate")
                     or call.endswith((".write_text", ".write_bytes", ".truncate"))
-                    or (call.endswith(".open") and isinstance(mode, str) and set(mode) & set("wax+")))
+                    or (call.endswith(".open") and writing_mode))
                 if writes:
                     found.append((name, child.lineno, call))
             visit(child, name)

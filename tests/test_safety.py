@@ -29,6 +29,18 @@ SOURCES = [*sorted((ROOT / "cec").glob("*.py")), ROOT / "infer.py", ROOT / "trai
            *sorted((ROOT / "scripts").glob("*.py")), *sorted((ROOT / "kernels").glob("*.py"))]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny models gain nothing from a second thread; on this shared CPU it costs several times over."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+
 def run(script, *args, env=None, cwd=None):
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True,
                           env=env or ENV, cwd=cwd, timeout=300)
