@@ -492,6 +492,13 @@ def _(k, tmp, request):
                            k.root / "codes_adapter"], r"codes_adapter: adapter was trained for another code set"
 
 
+@case("evaluate-empty-test-file")
+def _(k, tmp, request):
+    (tmp / "test.jsonl").write_text("\n")
+    return "evaluate.py", ["--test", tmp / "test.jsonl", "--dev", k.dev, "--pipeline", k.pipe, "--out", tmp / "t.md"], \
+        r"no test notes"
+
+
 @case("evaluate-out-under-a-file")
 def _(k, tmp, request):
     (tmp / "file").write_text("x")
@@ -537,6 +544,26 @@ def test_huge_note_is_cut_to_the_token_budget_with_a_warning_in_bounded_memory(k
     rc, _, err, short_mb = run_with_peak(tmp_path, "--pipeline", kit.pipe, "--note", kit.note, "--format", "json")
     assert rc == 0, err
     assert huge_mb - short_mb < 300, (huge_mb, short_mb)
+
+
+def test_training_on_a_huge_note_cuts_its_tail_with_a_warning_in_bounded_memory(kit, tmp_path):
+    """A 1M-character training note is packed up to --max-tokens (its tail cut, reported); the process stays far
+    below what attention over the whole note would need."""
+    from cec.data import write_notes
+
+    huge = "".join(n["text"] + "\n" for n in soak.generate_notes(2000, seed=4))[:1_000_000]
+    write_notes(tmp_path / "huge.jsonl", [{"id": "huge", "text": huge, "labels": ["I10"]}])
+    with open(tmp_path / "stderr", "wb") as err:
+        child = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *train_args(kit, tmp_path / "run", "--data",
+                                  tmp_path / "huge.jsonl", "--steps", "1", "--max-tokens", "256")],
+                                 stdout=subprocess.DEVNULL, stderr=err, env=os.environ | {
+                                     "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+        _, status, usage = os.wait4(child.pid, 0)
+    err = (tmp_path / "stderr").read_text()
+    assert os.waitstatus_to_exitcode(status) == 0, err
+    assert "1 notes were longer than --max-tokens allows; their tails were cut" in err, err
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+    assert usage.ru_maxrss / 1024 < 1500, usage.ru_maxrss
 
 
 def test_non_utf8_notes_jsonl_is_decoded_with_a_warning_naming_file_and_line(kit, tmp_path):
