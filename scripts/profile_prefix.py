@@ -122,10 +122,9 @@ def hf_model_for(model: Transformer):
         hf = tf.AutoModelForCausalLM.from_config(hf_cfg)
     hf.load_state_dict(model.state_dict(), assign=True, strict=False)
     hf.tie_weights()
-    hf = hf.to(model.device).eval()
     if hasattr(hf.model, "rotary_emb"):  # its buffers were made on meta: rebuild them on the device
         hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_cfg, device=model.device)
-    return hf
+    return hf.to(model.device).eval()
 
 
 def hf_last_scores(logits):
