@@ -68,7 +68,8 @@ def main():
 
         def ours():
             with torch.no_grad():
-                return sync(model.logits(model(ids)[:, -1:])[0, -1].float())
+                last = torch.tensor([ids.shape[1] - 1], device=ids.device)  # final layer: that row only
+                return sync(model.logits(model(ids, last=last))[0, -1].float())
 
         result = {"model": args.model, "tokens": args.tokens, "device": args.device, "dtype": str(model.dtype),
                   "threads": torch.get_num_threads(), "load_first_s": round(load_first, 2),

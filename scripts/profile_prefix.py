@@ -118,13 +118,11 @@ def hf_model_for(model: Transformer):
     else:
         raise SystemExit(f"no HF twin for {cfg.family}")
     hf_cfg._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        hf = tf.AutoModelForCausalLM.from_config(hf_cfg)
-    hf.load_state_dict(model.state_dict(), assign=True, strict=False)
+    with torch.device(model.device):  # built for real so its buffers (RoPE, embedding scale) are right
+        hf = tf.AutoModelForCausalLM.from_config(hf_cfg, dtype=model.dtype)
+    hf.load_state_dict(model.state_dict(), assign=True, strict=False)  # then its weights become ours
     hf.tie_weights()
-    if hasattr(hf.model, "rotary_emb"):  # its buffers were made on meta: rebuild them on the device
-        hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_cfg, device=model.device)
-    return hf.to(model.device).eval()
+    return hf.eval()
 
 
 def hf_last_scores(logits):
@@ -134,49 +132,29 @@ def hf_last_scores(logits):
 
 @torch.no_grad()
 def run_hf_naive(hf, prefix, questions, batch_tokens, device):
-    """Full prefix+question per row, left-padded, last-token logits only."""
+    """Full prefix+question per row, last-token logits only. Rows of a batch have equal lengths: HF's
+    sliding-window masks count indices, not positions, so padding would shift the window."""
     out = torch.empty(len(questions))
     lengths = [len(prefix) + len(q) for q in questions]
-    for idx in batches_by_length(lengths, batch_tokens, 1 << 30):
-        width = max(lengths[i] for i in idx)
-        ids = torch.zeros(len(idx), width, dtype=torch.long)
-        att = torch.zeros(len(idx), width, dtype=torch.long)
-        pos = torch.zeros(len(idx), width, dtype=torch.long)
-        for r, i in enumerate(idx):
-            n = lengths[i]
-            ids[r, width - n:] = torch.tensor(prefix + questions[i])
-            att[r, width - n:] = 1
-            pos[r, width - n:] = torch.arange(n)
-        logits = hf(input_ids=ids.to(device), attention_mask=att.to(device), position_ids=pos.to(device),
-                    logits_to_keep=1).logits[:, -1]
-        out[torch.tensor(idx)] = hf_last_scores(logits).cpu()
+    for idx in batches_by_length(lengths, batch_tokens, 1 << 30, max_padding=0.0):
+        ids = torch.tensor([prefix + questions[i] for i in idx], device=device)
+        out[torch.tensor(idx)] = hf_last_scores(hf(input_ids=ids, logits_to_keep=1).logits[:, -1]).cpu()
     return out
 
 
 @torch.no_grad()
 def run_hf_reuse(hf, prefix, questions, batch_size, device):
-    """Prefill once; per batch, deep-copy the cache and expand it to the batch (padding between prefix and question)."""
+    """Prefill once; per batch (questions of equal length), deep-copy the cache and expand it to the batch."""
     from transformers import DynamicCache
 
-    p = len(prefix)
     base = DynamicCache(config=hf.config)
     hf(input_ids=torch.tensor([prefix], device=device), past_key_values=base, use_cache=True, logits_to_keep=1)
     out = torch.empty(len(questions))
-    lengths = [len(q) for q in questions]
-    for idx in batches_by_length(lengths, 1 << 30, batch_size):
-        width = max(lengths[i] for i in idx)
-        ids = torch.zeros(len(idx), width, dtype=torch.long)
-        att = torch.ones(len(idx), p + width, dtype=torch.long)
-        pos = torch.zeros(len(idx), width, dtype=torch.long)
-        for r, i in enumerate(idx):
-            n = lengths[i]
-            ids[r, width - n:] = torch.tensor(questions[i])
-            att[r, p: p + width - n] = 0
-            pos[r, width - n:] = torch.arange(p, p + n)
+    for idx in batches_by_length([len(q) for q in questions], 1 << 30, batch_size, max_padding=0.0):
+        ids = torch.tensor([questions[i] for i in idx], device=device)
         cache = copy.deepcopy(base)
         cache.batch_repeat_interleave(len(idx))
-        logits = hf(input_ids=ids.to(device), attention_mask=att.to(device), position_ids=pos.to(device),
-                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = hf(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         out[torch.tensor(idx)] = hf_last_scores(logits).cpu()
     return out
 
