@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 from cec.cli import user_errors
-from cec.data import parse_json_line, read_text_file
+from cec.data import decode_text, parse_json_line, read_text_file
 from cec.errors import ConfigError, DataError
 from cec.io import atomic_write_bytes, atomic_write_json, prepare_output
 
@@ -48,18 +48,6 @@ log = logging.getLogger(PROG)
 
 
 # -- reading notes --------------------------------------------------------------------------------------
-def decode_text(data: bytes, name: str) -> str:
-    """As cec.data.read_text_file: NUL bytes refused, a BOM dropped, bad UTF-8 replaced with a warning."""
-    if b"\x00" in data:
-        raise DataError(f"{name}: binary data (contains NUL bytes), expected text")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        log.warning("%s: not valid UTF-8 (byte %d); undecodable bytes replaced with U+FFFD", name, e.start)
-        text = data.decode("utf-8-sig", errors="replace")
-    return text.replace("\r\n", "\n").replace("\r", "\n")
-
-
 def read_note(arg: str) -> str:
     if arg == "-":
         name, text = "<stdin>", decode_text(sys.stdin.buffer.read(), "<stdin>")

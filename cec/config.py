@@ -121,7 +121,7 @@ class ModelConfig:
     def from_json(cls, path: str | Path) -> "ModelConfig":
         try:
             return cls.from_hf(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ConfigError(f"cannot read model config {path}: {e}") from None
 
 

@@ -29,12 +29,18 @@ def read_text_file(path: str | Path) -> str:
         raise DataError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a directory, expected a text file") from None
+    return decode_text(data, str(path), "file")
+
+
+def decode_text(data: bytes, name: str, what: str = "data") -> str:
+    """Bytes of a note as text: NUL bytes refused (a binary file), a BOM dropped, undecodable UTF-8 replaced
+    with U+FFFD and a warning, line ends made \\n."""
     if b"\x00" in data:
-        raise DataError(f"{path}: binary file (contains NUL bytes), expected text")
+        raise DataError(f"{name}: binary {what} (contains NUL bytes), expected text")
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        log.warning("%s: not valid UTF-8 (byte %d); undecodable bytes replaced with U+FFFD", path, e.start)
+        log.warning("%s: not valid UTF-8 (byte %d); undecodable bytes replaced with U+FFFD", name, e.start)
         text = data.decode("utf-8-sig", errors="replace")
     return text.replace("\r\n", "\n").replace("\r", "\n")
 

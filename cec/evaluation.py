@@ -31,7 +31,7 @@ from cec import prompts
 from cec.concepts import ConceptSet, load_concept_set
 from cec.errors import AdapterError, ConfigError, DataError
 from cec.metrics import evaluate, label_matrix, micro_f1, tune_threshold
-from cec.pipeline import DEFAULT_PIPELINE, PIPELINE_FILE, CECPipeline, PipelineConfig, share_base
+from cec.pipeline import DEFAULT_PIPELINE, PIPELINE_FILE, CECPipeline, PipelineConfig, resolve_beside, share_base
 
 DEFAULT_KS = (3, 4, 5, 6)
 CONCEPTS = "concept-probs"  # the cache's name for stage-1 concept probabilities
@@ -128,6 +128,8 @@ def resolve_setup(pipeline: str | Path | None = None, *, model: str | None = Non
     folder = Path(pipeline) if pipeline else (None if model else DEFAULT_PIPELINE)
     if folder is not None:
         config, folder = PipelineConfig.load(folder)
+        config.base_model = resolve_beside(folder, config.base_model)
+        config.concept_set = resolve_beside(folder, config.concept_set)
         raw = json.loads((folder / PIPELINE_FILE).read_text())
         from_folder = {"concept": config.concept_adapter, "label": config.label_adapter,
                        "direct": raw.get("direct_adapter")}
@@ -375,7 +377,7 @@ class Evaluator:
         if self.models is None:
             self.models = Models(self.setup, self.device, self.dtype, self.batch_tokens)
         pipe, keys, cache = self.models.pipe, self.keys, self.cache
-        text = pipe._fit_note(note["text"])
+        text = pipe.fit_note(note["text"])
         self.timing["notes_computed"] += 1
         staged = [s for s in missing if s.kind in ("cec", "leaf")]
         if staged:

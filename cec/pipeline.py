@@ -77,7 +77,7 @@ def share_base(model: Transformer) -> Transformer:
     return twin.eval()
 
 
-def _beside(folder: Path, name: str) -> str:
+def resolve_beside(folder: Path, name: str) -> str:
     """A relative path in cec_pipeline.json names a file beside it when one is there; otherwise it stays a name
     (embedded model, shipped concept set, hub id) or a path from the working directory."""
     candidate = folder / name
@@ -147,8 +147,8 @@ class CECPipeline:
         if isinstance(concept_set, (str, Path)):
             config.concept_set, concept_set = str(concept_set), None
         if model is None:
-            model, tokenizer = load_model(_beside(folder, config.base_model), device=device, dtype=dtype)
-        cs = concept_set or load_concept_set(_beside(folder, config.concept_set))
+            model, tokenizer = load_model(resolve_beside(folder, config.base_model), device=device, dtype=dtype)
+        cs = concept_set or load_concept_set(resolve_beside(folder, config.concept_set))
         concept_model, label_model = model, share_base(model)
         for m, rel in ((concept_model, config.concept_adapter), (label_model, config.label_adapter)):
             if rel:
@@ -162,7 +162,7 @@ class CECPipeline:
                 m.eval()
         return cls(model, tokenizer, cs, config, concept_model, label_model)
 
-    def _fit_note(self, text: str) -> str:
+    def fit_note(self, text: str) -> str:
         from cec.segment import segment_note
 
         budget = self.config.max_note_tokens
@@ -171,7 +171,7 @@ class CECPipeline:
             return text
         fitted = segment_note(text, budget, count)
         if fitted != text:
-            print(f"[cec] note longer than {budget} tokens: kept its most relevant sections", file=sys.stderr)
+            print(f"[cec] note longer than {budget} tokens: shortened to its most relevant sections (its beginning when it has none)", file=sys.stderr)
         return fitted
 
     @torch.no_grad()
@@ -180,7 +180,7 @@ class CECPipeline:
             raise DataError("the note is empty")
         cfg, cs = self.config, self.cs
         t0 = time.perf_counter()
-        text = self._fit_note(text)
+        text = self.fit_note(text)
         # stage 1: every concept against the cached note
         prefix = self.tokenizer.encode(prompts.concept_prefix(text), add_bos=True)
         concept_p = torch.sigmoid(self.concept_scorer.score(prefix, self.concept_questions))
