@@ -280,7 +280,7 @@ def load_pipeline(args, rank: int = 0):
 
     overrides = dict(base_model=args.model, threshold=args.threshold, concept_threshold=args.concept_threshold,
                      k=args.k, sampling=args.sampling, concept_adapter=adapter(args.concept_adapter),
-                     label_adapter=adapter(args.label_adapter))
+                     label_adapter=adapter(args.label_adapter), label_layout=args.label_layout)
     concept_set = load_concept_set(args.concepts) if args.concepts else None
     return CECPipeline.load(args.pipeline, concept_set=concept_set, device=device, dtype=dtype, **overrides)
 
@@ -330,6 +330,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--concept-threshold", type=probability, metavar="P", help="concept threshold (default: the pipeline's)")
     p.add_argument("--k", type=positive_int, metavar="N", help="concepts of a code's own set shown to the code stage")
     p.add_argument("--sampling", choices=("top", "random"), help="which k concepts: highest-scoring or random")
+    p.add_argument("--label-layout", choices=("paper", "compact"),
+                   help="code-stage prompt: Fig. 4 verbatim or compact (default: the one the label adapter was "
+                        "trained with)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="default: float32 on CPU, bfloat16 on GPU")

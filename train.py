@@ -76,6 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--lora-targets", dest="targets", help="comma-separated module names, or all-linear "
                                      "(default: concept/direct all-linear, label k_proj,v_proj)")
     g.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
+    g.add_argument("--init-adapter", metavar="DIR",
+                   help="start from this adapter's weights (its rank, alpha and targets; --lora-dropout still applies), "
+                        "e.g. to continue training or to adapt it to another prompt layout")
 
     g = ap.add_argument_group("examples (paper Sec. 3.3-3.4, App. C)")
     g.add_argument("--neg-ratio", type=float, default=1.0,
@@ -91,6 +94,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--min-false", type=int, default=2,
                    help="label: at least this many false codes per note (default: %(default)s)")
     g.add_argument("--max-questions", type=int, help="at most this many questions per note (random subset)")
+    g.add_argument("--label-layout", choices=["paper", "compact"], default="paper",
+                   help="label: 'paper' = Fig. 4 verbatim; 'compact' = the code-independent text once in the shared "
+                        "prefix, one short line per concept answer (about 3x fewer tokens per code question at "
+                        "inference); the adapter records it and the pipeline follows (default: %(default)s)")
 
     g = ap.add_argument_group("evaluation, checkpoints, run")
     g.add_argument("--eval-every", type=int, default=50, help="dev evaluation every N steps, and at the end "
@@ -195,7 +202,7 @@ def main(argv=None) -> None:
     from cec import prompts
     from cec.errors import ConfigError
     from cec.examples import ExampleOptions, build_examples
-    from cec.lora import inject_lora
+    from cec.lora import inject_lora, load_adapter
     from cec.trainer import TrainConfig, Trainer
     from cec.weights import default_dtype, load_model
 
@@ -213,16 +220,22 @@ def main(argv=None) -> None:
             raise ConfigError(f"--device {device}: CUDA is not available")
         dtype = {"auto": default_dtype(device), "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
         model, tokenizer = load_model(args.model, device=device, dtype=dtype)
-        yes_ids, no_ids = prompts.answer_ids(tokenizer, args.stage)
+        layout = args.label_layout if args.stage == "label" else "paper"
+        yes_ids, no_ids = prompts.answer_ids(tokenizer, args.stage, layout)
         torch.manual_seed(args.seed)  # the same LoRA init on every rank and in every run
-        targets = args.targets if args.targets == "all-linear" else [
-            t.strip() for t in args.targets.split(",") if t.strip()]
-        lora_config = inject_lora(model, targets, r=args.r, alpha=args.alpha, dropout=args.dropout,
-                                  use_rslora=args.rslora, base_model=str(args.model))
+        if args.init_adapter:
+            lora_config, _ = load_adapter(model, args.init_adapter, dtype=torch.float32, dropout=args.dropout)
+            lora_config.dropout = args.dropout
+            log(f"initialized from {args.init_adapter}")
+        else:
+            targets = args.targets if args.targets == "all-linear" else [
+                t.strip() for t in args.targets.split(",") if t.strip()]
+            lora_config = inject_lora(model, targets, r=args.r, alpha=args.alpha, dropout=args.dropout,
+                                      use_rslora=args.rslora, base_model=str(args.model))
         torch.manual_seed(args.seed + rank)  # dropout draws: one stream per rank
         opts = ExampleOptions(neg_ratio=args.neg_ratio, min_negatives=args.min_negatives, k=args.k, m=args.m,
                               false_ratio=args.false_ratio, min_false=args.min_false,
-                              max_questions=args.max_questions)
+                              max_questions=args.max_questions, label_layout=layout)
 
         def make_examples(note, epoch):
             return build_examples(args.stage, note, concept_set, seed=args.seed, epoch=epoch, opts=opts)
@@ -235,9 +248,10 @@ def main(argv=None) -> None:
                              gradient_checkpointing=args.gradient_checkpointing, stop_at=args.stop_at,
                              save_dtype=args.save_dtype, progress=not args.no_progress)
         meta = {"stage": args.stage, "concept_set": concept_set.name, "code_system": concept_set.code_system,
-                "prompts": "paper", "yes_answers": list(prompts.YES_ANSWERS), "no_answers": list(prompts.NO_ANSWERS),
+                "prompts": layout, "yes_answers": list(prompts.YES_ANSWERS), "no_answers": list(prompts.NO_ANSWERS),
                 "train_notes": len(notes), "seed": args.seed,
-                "concept_set_codes": list(concept_set.codes)}  # what infer.py and evaluate.py check the set against
+                "concept_set_codes": list(concept_set.codes),  # what infer.py and evaluate.py check the set against
+                **({"init_adapter": str(args.init_adapter)} if args.init_adapter else {})}
         log(f"stage {args.stage}: {len(notes)} notes, {len(dev)} dev notes, {world} process(es) on {device}, "
             f"LoRA r={args.r} alpha={args.alpha:g} on {', '.join(lora_config.target_modules)}; "
             f"{args.steps} steps of {args.grad_accum * world} notes")

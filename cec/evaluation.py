@@ -32,6 +32,8 @@ from cec.concepts import ConceptSet, load_concept_set
 from cec.errors import AdapterError, ConfigError, DataError
 from cec.metrics import evaluate, label_matrix, micro_f1, tune_threshold
 from cec.pipeline import DEFAULT_PIPELINE, PIPELINE_FILE, CECPipeline, PipelineConfig, resolve_beside, share_base
+from cec.pipeline import code_questions as code_questions_shown
+from cec.pipeline import trained_layout
 
 DEFAULT_KS = (3, 4, 5, 6)
 CONCEPTS = "concept-probs"  # the cache's name for stage-1 concept probabilities
@@ -143,9 +145,13 @@ def resolve_setup(pipeline: str | Path | None = None, *, model: str | None = Non
     for stage, flag in (("concept", concept_adapter), ("label", label_adapter), ("direct", direct_adapter)):
         if flag:
             adapters[stage] = Path(flag).resolve()
+    if label_adapter:
+        config.label_layout = None  # another label adapter brings its own layout
     if config.m < 0 or config.sampling not in ("top", "random"):
         raise ConfigError(f"pipeline config: m={config.m}, sampling={config.sampling!r} (m >= 0; top or random)")
     hashes = {stage: adapter_hash(path) for stage, path in adapters.items()}
+    if config.label_layout is None:
+        config.label_layout = trained_layout(adapters["label"])
     return EvalSetup(config, load_concept_set(config.concept_set), adapters, hashes)
 
 
@@ -167,43 +173,19 @@ def concept_probs(pipe: CECPipeline, text: str) -> torch.Tensor:
 
 def code_questions(pipe: CECPipeline, concept_p: torch.Tensor, note_id: str | None, k: int,
                    concept_set: ConceptSet | None = None) -> list[list[int]]:
-    """Stage-2 question ids, one per code, as CECPipeline.code_note builds them: k of the code's own concepts
-    (top-scoring or a random sample) + m predicted negatives from the rest of the set's concepts, shuffled.
-    concept_set: a view of the pipeline's set (same concept ids), e.g. leaf_view; its concepts are the ones any
-    of its codes own."""
-    cfg, cs = pipe.config, concept_set or pipe.cs
-    positive = (concept_p >= cfg.concept_threshold).tolist()
-    universe = sorted({i for code in cs.codes for i in cs.concept_ids(code)})
-    negatives = [i for i in universe if not positive[i]]
-    out = []
-    for code in cs.codes:
-        own = cs.concept_ids(code)
-        rng = random.Random(f"{cfg.seed}/{note_id or ''}/{code}")
-        if cfg.sampling == "random":
-            chosen = rng.sample(own, min(k, len(own)))
-        else:
-            chosen = sorted(own, key=lambda i: -float(concept_p[i]))[:k]
-        own_set = set(own)
-        outside = [i for i in negatives if i not in own_set]
-        chosen = chosen + rng.sample(outside, min(cfg.m, len(outside)))
-        rng.shuffle(chosen)
-        answers = [(cs.concepts[i].text, positive[i]) for i in chosen]
-        out.append(pipe.tokenizer.encode(prompts.label_question(cs.descriptions[code], answers), add_bos=False))
-    return out
+    """Stage-2 question ids, one per code, as CECPipeline.code_note builds them (cec.pipeline.code_questions).
+    concept_set: a view of the pipeline's set (same concept ids), e.g. leaf_view."""
+    cs = concept_set or pipe.cs
+    return pipe.label_question_ids(concept_p, code_questions_shown(pipe.config, cs, concept_p, note_id, k), cs)
 
 
 def code_probs_many(pipe: CECPipeline, text: str, concept_p: torch.Tensor, note_id: str | None,
                     variants: dict[str, tuple[int, ConceptSet | None]]) -> dict[str, torch.Tensor]:
     """Stage 2 for several (k, concept-set view) variants at once: one label prefix prefilled, each distinct
     question scored once. Returns variant name -> P(code) in code order."""
-    per_variant = {name: code_questions(pipe, concept_p, note_id, k, view) for name, (k, view) in variants.items()}
-    unique: dict[tuple, int] = {}
-    for questions in per_variant.values():
-        for q in questions:
-            unique.setdefault(tuple(q), len(unique))
-    prefix = pipe.tokenizer.encode(prompts.label_prefix(text), add_bos=True)
-    p = torch.sigmoid(pipe.label_scorer.score(prefix, [list(q) for q in unique]))
-    return {name: p[[unique[tuple(q)] for q in questions]] for name, questions in per_variant.items()}
+    shown = [(code_questions_shown(pipe.config, view or pipe.cs, concept_p, note_id, k), view or pipe.cs)
+             for k, view in variants.values()]
+    return dict(zip(variants, pipe.code_probs(text, concept_p, shown)))
 
 
 def code_probs(pipe: CECPipeline, text: str, concept_p: torch.Tensor, note_id: str | None = None,
@@ -279,8 +261,7 @@ def fingerprints(setup: EvalSetup, systems: list[System], device, dtype) -> dict
                "prompt": (prompts.CONCEPT_INSTRUCTION, prompts.CONCEPT_QUESTION), "answers": answers}
     out = {CONCEPTS: _digest(concept)}
     label = {"concept": out[CONCEPTS], "adapter": setup.adapter_hashes["label"], "descriptions": descriptions,
-             "prompt": (prompts.LABEL_INSTRUCTION, prompts.LABEL_CONCEPTS_INTRO, prompts.LABEL_CONCEPT_LINE,
-                        prompts.LABEL_QUESTION), "m": cfg.m, "sampling": cfg.sampling, "seed": cfg.seed,
+             "prompt": prompts.label_prompt_text(cfg.label_layout or "paper"), "m": cfg.m, "sampling": cfg.sampling, "seed": cfg.seed,
              "concept_threshold": cfg.concept_threshold}
     direct = {**base, "descriptions": descriptions, "prompt": (prompts.DIRECT_INSTRUCTION, prompts.DIRECT_QUESTION),
               "answers": answers}

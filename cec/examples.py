@@ -28,6 +28,7 @@ class ExampleOptions:
     false_ratio: float = 1.0  # label stage: false codes asked per true code
     min_false: int = 2  # label stage: at least this many false codes per note
     max_questions: int | None = None  # a random subset of at most this many questions per note
+    label_layout: str = "paper"  # label stage: "paper" (Fig. 4 verbatim) or "compact" (cec.prompts)
 
 
 @dataclass
@@ -90,14 +91,14 @@ def label_examples(note: dict, cs, rng: random.Random, opts: ExampleOptions) -> 
     false_pool = [c for c in cs.codes if c not in set(true)]
     n_false = min(len(false_pool), max(round(opts.false_ratio * len(true)), opts.min_false))
     false = _sample(rng, false_pool, n_false)
-    ex = NoteExamples(note["id"], prompts.label_prefix(note["text"]))
+    ex = NoteExamples(note["id"], prompts.label_prefix(note["text"], opts.label_layout))
     for code, y in [(c, 1) for c in true] + [(c, 0) for c in false]:
         own = cs.concept_ids(code)
         other = [i for i in (c_neg if y else sorted(c_pos)) if i not in set(own)]
         chosen = _sample(rng, own, opts.k) + _sample(rng, other, opts.m)
         rng.shuffle(chosen)
         answers = [(cs.concepts[i].text, i in c_pos) for i in chosen]
-        ex.questions.append(prompts.label_question(cs.descriptions[code], answers))
+        ex.questions.append(prompts.label_question(cs.descriptions[code], answers, opts.label_layout))
         ex.labels.append(y)
         ex.keys.append(code)
     return ex
@@ -113,19 +114,6 @@ def direct_examples(note: dict, cs, rng: random.Random, opts: ExampleOptions) ->
         ex.labels.append(y)
         ex.keys.append(code)
     return ex
-
-
-def inference_label_question(cs, code: str, predicted_yes: set[int], rng: random.Random, k: int = 5,
-                             m: int = 2) -> tuple[str, list[int]]:
-    """The Fig. 4 question for `code` at inference (Sec. 3.4): k concepts sampled from C_code plus m predicted
-    negatives outside C_code, each with the concept model's answer (Yes when its id is in predicted_yes).
-    Returns (question text, the concept ids shown, in prompt order)."""
-    own = cs.concept_ids(code)
-    negatives = [c.id for c in cs.concepts if c.id not in predicted_yes and c.id not in set(own)]
-    chosen = _sample(rng, own, k) + _sample(rng, negatives, m)
-    rng.shuffle(chosen)
-    answers = [(cs.concepts[i].text, i in predicted_yes) for i in chosen]
-    return prompts.label_question(cs.descriptions[code], answers), chosen
 
 
 BUILDERS = {"concept": concept_examples, "label": label_examples, "direct": direct_examples}

@@ -8,8 +8,9 @@ concepts from outside it, each with its Yes/No answer. All questions of a stage 
 
 A pipeline folder (what `infer.py --pipeline` takes and what training writes) holds `cec_pipeline.json`:
     {"base_model", "concept_set", "concept_adapter", "label_adapter", "direct_adapter", "concept_threshold", "threshold",
-     "k", "m", "sampling", "max_note_tokens", "dev_metrics"}
-with the adapter paths relative to the folder.
+     "k", "m", "sampling", "label_layout", "max_note_tokens", "dev_metrics"}
+with the adapter paths relative to the folder. label_layout (cec.prompts: "paper" or "compact") defaults to the
+layout the label adapter was trained with (its cec_adapter.json), "paper" without one.
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ class PipelineConfig:
     k: int = 5  # concepts of the code's own set shown to the label model
     m: int = 2  # predicted-negative concepts from outside the code's set
     sampling: str = "top"  # "top": the code's highest-scoring concepts; "random": the paper's random sample
+    label_layout: str | None = None  # "paper" | "compact"; None = the label adapter's, else "paper"
     max_note_tokens: int = 3000  # longer notes are segmented by section (cec.segment) to this budget
     seed: int = 0
     dev_metrics: dict = field(default_factory=dict)
@@ -58,14 +60,30 @@ class PipelineConfig:
         try:
             d = json.loads(path.read_text())
             known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-            return cls(**known), folder
+            config = cls(**known)
         except (json.JSONDecodeError, TypeError) as e:
             raise DataError(f"{path}: malformed ({e})") from None
+        if config.label_layout not in (None, *prompts.LABEL_LAYOUTS):
+            raise DataError(f"{path}: label_layout {config.label_layout!r} is not one of "
+                            f"{', '.join(prompts.LABEL_LAYOUTS)}")
+        return config, folder
 
     def save(self, folder: str | Path) -> None:
         from cec.io import atomic_write_json
 
         atomic_write_json(Path(folder) / PIPELINE_FILE, asdict(self))
+
+
+def trained_layout(adapter: Path | None) -> str:
+    """The label layout an adapter was trained with (cec_adapter.json "prompts"); "paper" when it does not say."""
+    if adapter is None:
+        return "paper"
+    from cec.lora import read_adapter_config
+
+    layout = read_adapter_config(adapter)[1].get("prompts", "paper")
+    if layout not in prompts.LABEL_LAYOUTS:
+        raise AdapterError(f"{adapter}: unknown prompt layout {layout!r} in cec_adapter.json")
+    return layout
 
 
 def share_base(model: Transformer) -> Transformer:
@@ -100,6 +118,32 @@ def fold_lora(model: Transformer) -> None:
         setattr(model.get_submodule(parent), child, lin)
 
 
+def code_questions(config: PipelineConfig, cs, concept_p: torch.Tensor, note_id: str | None = None,
+                   k: int | None = None) -> list[list[int]]:
+    """Stage-2 concepts shown for each code, in prompt order: k of the code's own concepts (its top-scoring ones,
+    or a random sample) + m predicted negatives from the rest of the set's concepts, shuffled. cs may be a view
+    of the set (same concept ids, e.g. evaluation.leaf_view): its concepts are the ones any of its codes own.
+    Deterministic per (seed, note id, code)."""
+    k = config.k if k is None else k
+    positive = (concept_p >= config.concept_threshold).tolist()
+    universe = sorted({i for code in cs.codes for i in cs.concept_ids(code)})
+    negatives = [i for i in universe if not positive[i]]
+    shown = []
+    for code in cs.codes:
+        own = cs.concept_ids(code)
+        rng = random.Random(f"{config.seed}/{note_id or ''}/{code}")
+        if config.sampling == "random":
+            chosen = rng.sample(own, min(k, len(own)))
+        else:
+            chosen = sorted(own, key=lambda i: -float(concept_p[i]))[:k]
+        own_set = set(own)
+        outside = [i for i in negatives if i not in own_set]
+        chosen = chosen + rng.sample(outside, min(config.m, len(outside)))
+        rng.shuffle(chosen)
+        shown.append(chosen)
+    return shown
+
+
 @dataclass
 class NoteResult:
     note_id: str | None
@@ -122,7 +166,8 @@ class CECPipeline:
         yes, no = prompts.answer_ids(tokenizer, "concept")
         self.concept_scorer = PrefixScorer(self.concept_model, head_for(self.concept_model, yes, no),
                                            batch_tokens=batch_tokens, pad_id=tokenizer.pad_id or 0)
-        yes, no = prompts.answer_ids(tokenizer, "label")
+        self.layout = prompts.check_layout(config.label_layout or "paper")
+        yes, no = prompts.answer_ids(tokenizer, "label", self.layout)
         self.label_scorer = PrefixScorer(self.label_model, head_for(self.label_model, yes, no),
                                          batch_tokens=batch_tokens, pad_id=tokenizer.pad_id or 0)
         # concept questions do not depend on the note: tokenize them once
@@ -141,6 +186,8 @@ class CECPipeline:
 
         folder = Path(folder) if folder else DEFAULT_PIPELINE
         config, folder = PipelineConfig.load(folder)
+        if overrides.get("label_adapter") is not None and overrides.get("label_layout") is None:
+            config.label_layout = None  # another label adapter brings its own layout
         for k, v in overrides.items():
             if v is not None:
                 setattr(config, k, v)
@@ -149,6 +196,8 @@ class CECPipeline:
         if model is None:
             model, tokenizer = load_model(resolve_beside(folder, config.base_model), device=device, dtype=dtype)
         cs = concept_set or load_concept_set(resolve_beside(folder, config.concept_set))
+        if config.label_layout is None:
+            config.label_layout = trained_layout(folder / config.label_adapter if config.label_adapter else None)
         concept_model, label_model = model, share_base(model)
         for m, rel in ((concept_model, config.concept_adapter), (label_model, config.label_adapter)):
             if rel:
@@ -185,27 +234,9 @@ class CECPipeline:
         prefix = self.tokenizer.encode(prompts.concept_prefix(text), add_bos=True)
         concept_p = torch.sigmoid(self.concept_scorer.score(prefix, self.concept_questions))
         t1 = time.perf_counter()
-        positive = concept_p >= cfg.concept_threshold
-        negatives = [i for i in range(len(cs.concepts)) if not positive[i]]
         # stage 2: one question per code, with the answers of k own concepts and m outside negatives
-        shown, questions = [], []
-        for code in cs.codes:
-            own = cs.concept_ids(code)
-            rng = random.Random(f"{cfg.seed}/{note_id or ''}/{code}")
-            if cfg.sampling == "random":
-                chosen = rng.sample(own, min(cfg.k, len(own)))
-            else:
-                chosen = sorted(own, key=lambda i: -float(concept_p[i]))[: cfg.k]
-            own_set = set(own)
-            outside = [i for i in negatives if i not in own_set]
-            chosen = chosen + rng.sample(outside, min(cfg.m, len(outside)))
-            rng.shuffle(chosen)
-            shown.append(chosen)
-            answers = [(cs.concepts[i].text, bool(positive[i])) for i in chosen]
-            questions.append(self.tokenizer.encode(prompts.label_question(cs.descriptions[code], answers),
-                                                   add_bos=False))
-        label_prefix = self.tokenizer.encode(prompts.label_prefix(text), add_bos=True)
-        code_p = torch.sigmoid(self.label_scorer.score(label_prefix, questions))
+        shown = code_questions(cfg, cs, concept_p, note_id)
+        code_p = self.code_probs(text, concept_p, [(shown, cs)])[0]
         t2 = time.perf_counter()
         codes = []
         for j, code in enumerate(cs.codes):
@@ -216,7 +247,29 @@ class CECPipeline:
             codes.append({"code": code, "description": cs.descriptions[code], "probability": round(p, 6),
                           "predicted": p >= cfg.threshold, "evidence": evidence})
         codes.sort(key=lambda c: -c["probability"])
-        timing = {"prefix_tokens": len(prefix), "questions": len(self.concept_questions) + len(questions),
+        timing = {"prefix_tokens": len(prefix), "questions": len(self.concept_questions) + len(shown),
                   "seconds": round(t2 - t0, 3), "concept_seconds": round(t1 - t0, 3),
                   "label_seconds": round(t2 - t1, 3)}
         return NoteResult(note_id, codes, concept_p, timing)
+
+    def label_question_ids(self, concept_p: torch.Tensor, shown: list[list[int]], cs=None) -> list[list[int]]:
+        """Token ids of the code questions (cs.codes order) showing these concepts with their predicted answers."""
+        cs = cs or self.cs
+        positive = (concept_p >= self.config.concept_threshold).tolist()
+        return [self.tokenizer.encode(prompts.label_question(
+                    cs.descriptions[code], [(cs.concepts[i].text, positive[i]) for i in ids], self.layout),
+                    add_bos=False) for code, ids in zip(cs.codes, shown)]
+
+    @torch.no_grad()
+    def code_probs(self, text: str, concept_p: torch.Tensor, variants: list[tuple[list[list[int]], object]]
+                   ) -> list[torch.Tensor]:
+        """Stage 2 for one or more variants, each (concepts shown per code, concept set or view): one label prefix
+        prefilled, each distinct question scored once. Returns P(code) in code order per variant."""
+        per_variant = [self.label_question_ids(concept_p, shown, cs) for shown, cs in variants]
+        unique: dict[tuple, int] = {}
+        for questions in per_variant:
+            for q in questions:
+                unique.setdefault(tuple(q), len(unique))
+        prefix = self.tokenizer.encode(prompts.label_prefix(text, self.layout), add_bos=True)
+        p = torch.sigmoid(self.label_scorer.score(prefix, [list(q) for q in unique]))
+        return [p[[unique[tuple(q)] for q in questions]] for questions in per_variant]

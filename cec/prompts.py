@@ -5,7 +5,14 @@ about one note, and one question per concept or code that ends where the model a
 - label stage, Fig. 4:   [Instruction] + [Medical Note]  | [Concept Predictions] + [Question] + [Answer Prompt]
 - direct coding (the baseline of Table 2): Fig. 3's layout asking about a code description instead of a concept.
 
-prefix + question is exactly the paper's prompt text. Token ids (`encode`): the prefix with BOS, each question
+Label-stage layouts (DESIGN.md, item 5):
+- "paper": prefix + question is exactly Fig. 4's text. Each code question repeats about 100 tokens that do not
+  depend on the code (the concept-answer preamble, the question frame, the output format).
+- "compact": the same instruction, note and answer format, with the code-independent text moved into the shared
+  prefix and each concept answer on one short line, so a code question is about 80 tokens instead of 230. For
+  adapters trained with it (train.py --label-layout compact); an adapter records its layout in cec_adapter.json.
+
+For "paper", prefix + question is exactly the paper's prompt text. Token ids (`encode`): the prefix with BOS, each question
 without BOS, concatenated; training (cec.trainer) and inference (cec.cache) both build ids this way, so they
 agree token for token. The model's answer is read at the last question token by the yes/no head (cec.heads).
 """
@@ -52,6 +59,18 @@ LABEL_QUESTION = (
     "### Response:"
 )
 
+# compact label layout: what Fig. 4 says once per code, said once per note
+LABEL_COMPACT_GUIDE = (
+    "\n---\n"
+    "Previously you were asked about the presence of some medical concepts in the note (M). Below, each question "
+    "about a disease first lists some of those concepts with your answer to each (Yes or No). Based on the medical "
+    "note (M) and your answers, say whether the patient contains the disease. Answer in a clear Yes/No format, on "
+    "a new line: 'Yes' or 'No'.\n"
+)
+LABEL_COMPACT_CONCEPT_LINE = "- {concept}: {answer}\n"
+LABEL_COMPACT_QUESTION = "---\n### Concepts:\n{lines}### Question: Does the patient contain the disease '{description}'?\n### Response:"
+LABEL_LAYOUTS = ("paper", "compact")
+
 DIRECT_INSTRUCTION = (
     "Below is a clinical note. Write a response that appropriately completes the request.\n"
     "### Instruction: You will be asked whether a diagnosis or procedure applies to the following clinical note "
@@ -76,15 +95,30 @@ def concept_question(concept: str) -> str:
     return CONCEPT_QUESTION.format(concept=concept)
 
 
-def label_prefix(note: str) -> str:
-    return LABEL_INSTRUCTION + note
+def check_layout(layout: str) -> str:
+    if layout not in LABEL_LAYOUTS:
+        raise ValueError(f"unknown label layout {layout!r}; expected one of {', '.join(LABEL_LAYOUTS)}")
+    return layout
 
 
-def label_question(description: str, concept_answers: Sequence[tuple[str, bool]]) -> str:
-    """The Fig. 4 text after the note: the concept predictions ("Yes"/"No" each), then the code question."""
-    lines = "".join(LABEL_CONCEPT_LINE.format(concept=c, answer="Yes" if yes else "No")
-                    for c, yes in concept_answers)
+def label_prefix(note: str, layout: str = "paper") -> str:
+    return LABEL_INSTRUCTION + note + (LABEL_COMPACT_GUIDE if check_layout(layout) == "compact" else "")
+
+
+def label_question(description: str, concept_answers: Sequence[tuple[str, bool]], layout: str = "paper") -> str:
+    """The text after the label prefix: the concept predictions ("Yes"/"No" each), then the code question."""
+    line = LABEL_COMPACT_CONCEPT_LINE if check_layout(layout) == "compact" else LABEL_CONCEPT_LINE
+    lines = "".join(line.format(concept=c, answer="Yes" if yes else "No") for c, yes in concept_answers)
+    if layout == "compact":
+        return LABEL_COMPACT_QUESTION.format(lines=lines, description=description)
     return LABEL_CONCEPTS_INTRO + lines + LABEL_QUESTION.format(description=description)
+
+
+def label_prompt_text(layout: str) -> tuple[str, ...]:
+    """Every fixed string of a label layout (what a score cache's fingerprint depends on)."""
+    if check_layout(layout) == "compact":
+        return (LABEL_INSTRUCTION, LABEL_COMPACT_GUIDE, LABEL_COMPACT_CONCEPT_LINE, LABEL_COMPACT_QUESTION)
+    return (LABEL_INSTRUCTION, LABEL_CONCEPTS_INTRO, LABEL_CONCEPT_LINE, LABEL_QUESTION)
 
 
 def direct_prefix(note: str) -> str:
@@ -95,8 +129,10 @@ def direct_question(description: str) -> str:
     return DIRECT_QUESTION.format(description=description)
 
 
-def prefix_for(stage: str, note: str) -> str:
-    return {"concept": concept_prefix, "label": label_prefix, "direct": direct_prefix}[stage](note)
+def prefix_for(stage: str, note: str, layout: str = "paper") -> str:
+    if stage == "label":
+        return label_prefix(note, layout)
+    return {"concept": concept_prefix, "direct": direct_prefix}[stage](note)
 
 
 def encode(tokenizer, prefix: str, questions: Sequence[str]) -> tuple[list[int], list[list[int]]]:
@@ -104,13 +140,13 @@ def encode(tokenizer, prefix: str, questions: Sequence[str]) -> tuple[list[int],
     return tokenizer.encode(prefix, add_bos=True), [tokenizer.encode(q, add_bos=False) for q in questions]
 
 
-def answer_ids(tokenizer, stage: str = "concept") -> tuple[list[int], list[int]]:
+def answer_ids(tokenizer, stage: str = "concept", layout: str = "paper") -> tuple[list[int], list[int]]:
     """(yes ids, no ids) of the answer spellings, read after a sample prompt of the stage the way the model
     sees it (cec.heads.answer_token_ids)."""
     from cec.heads import answer_token_ids
 
     if stage == "label":
-        prompt = label_prefix("note") + label_question("disease", [("concept", True)])
+        prompt = label_prefix("note", layout) + label_question("disease", [("concept", True)], layout)
     elif stage == "direct":
         prompt = direct_prefix("note") + direct_question("disease")
     else:

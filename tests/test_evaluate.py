@@ -3,6 +3,7 @@ import importlib.util
 import json
 import math
 from pathlib import Path
+from functools import partial
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from cec import evaluation, metrics, prompts
 from cec.cli import user_errors
 from cec.data import write_notes
-from cec.pipeline import PIPELINE_FILE, PipelineConfig
+from cec.pipeline import PIPELINE_FILE, CECPipeline, PipelineConfig
 
 from tiny_train import CODES, random_lora_, save_tiny_model, tiny_concept_set, tiny_notes, tiny_tokenizer
 
@@ -188,8 +189,9 @@ def test_leaf_view_shows_only_leaf_concepts(monkeypatch):
     shown = []
     real = prompts.label_question
     monkeypatch.setattr(prompts, "label_question",
-                        lambda d, answers: shown.append((d, answers)) or real(d, answers))
-    pipe = SimpleNamespace(config=PipelineConfig(k=2, m=2), tokenizer=tiny_tokenizer(), cs=cs)
+                        lambda d, answers, layout: shown.append((d, answers)) or real(d, answers, layout))
+    pipe = SimpleNamespace(config=PipelineConfig(k=2, m=2), tokenizer=tiny_tokenizer(), cs=cs, layout="paper")
+    pipe.label_question_ids = partial(CECPipeline.label_question_ids, pipe)
     concept_p = torch.linspace(0.05, 0.95, len(cs.concepts))
     positive = concept_p >= 0.5
     questions = evaluation.code_questions(pipe, concept_p, "n0", 2, leaf)

@@ -1,9 +1,11 @@
 """Training examples: pseudo-labels as the paper defines them, deterministic given a seed."""
+import re
+
 import pytest
 
 from cec import prompts
 from cec.errors import DataError
-from cec.examples import ExampleOptions, build_examples, check_labels, inference_label_question, note_rng
+from cec.examples import ExampleOptions, build_examples, check_labels, note_rng
 from tiny_train import tiny_concept_set, tiny_notes
 
 CS = tiny_concept_set()
@@ -82,12 +84,13 @@ def test_unknown_codes_are_an_error_or_dropped():
     assert check_labels(notes, CS, drop_unknown=True)[0]["labels"] == ["A1"]
 
 
-def test_inference_label_question_uses_predicted_answers():
-    predicted = {CS.concept_ids("A1")[0], CS.concept_ids("E5")[0]}
-    q, shown = inference_label_question(CS, "A1", predicted, note_rng(0, 0, "n"), k=3, m=2)
-    own = set(CS.concept_ids("A1"))
-    assert len([i for i in shown if i in own]) == 3 and len([i for i in shown if i not in own]) == 2
-    assert all(i not in predicted for i in shown if i not in own)  # extras are predicted negatives
-    for i in shown:
-        assert f"'{CS.concepts[i].text}'?\nAnswer: {'Yes' if i in predicted else 'No'}\n" in q
-    assert q == inference_label_question(CS, "A1", predicted, note_rng(0, 0, "n"), k=3, m=2)[0]
+def test_compact_label_layout_carries_the_same_answers():
+    note = {"id": "n1", "text": "the note", "labels": ["A1"]}
+    paper = build_examples("label", note, CS, seed=3, opts=ExampleOptions(k=3, m=2))
+    compact = build_examples("label", note, CS, seed=3, opts=ExampleOptions(k=3, m=2, label_layout="compact"))
+    assert compact.labels == paper.labels and compact.keys == paper.keys
+    assert compact.prefix.startswith(paper.prefix) and len(compact.prefix) > len(paper.prefix)
+    for p, c in zip(paper.questions, compact.questions):
+        shown = re.findall(r"contain '(.*?)'\?\nAnswer: (Yes|No)", p)
+        assert re.findall(r"^- (.*): (Yes|No)$", c, re.M) == shown  # same concepts, answers and order
+        assert len(c) < len(p) / 2

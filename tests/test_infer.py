@@ -168,6 +168,35 @@ def test_adapters_from_the_pipeline_folder_change_the_scores(plain_doc, tiny, tm
     assert probs(both_none) == pytest.approx(probs(plain), abs=1e-6)
 
 
+def test_label_layout_follows_the_adapter_and_scores_equal_naive(tiny, tmp_path):
+    """A label adapter trained with the compact layout (cec_adapter.json "prompts") makes the pipeline ask compact
+    code questions; its code probabilities equal naive full-prompt scoring of exactly that text."""
+    import torch
+
+    from cec import prompts
+    from cec.cache import head_for, score_naive
+    from cec.pipeline import CECPipeline, code_questions
+
+    folder = tmp_path / "compact"
+    shutil.copytree(tiny / "adapted", folder)
+    meta_path = folder / "label" / "cec_adapter.json"
+    meta_path.write_text(json.dumps(json.loads(meta_path.read_text()) | {"prompts": "compact"}))
+    pipe = CECPipeline.load(folder, fold=False)
+    assert pipe.layout == "compact" and CECPipeline.load(tiny / "adapted").layout == "paper"
+    assert CECPipeline.load(folder, label_layout="paper").layout == "paper"
+    result = pipe.code_note(NOTE, "n0")
+    shown = code_questions(pipe.config, pipe.cs, result.concept_probs, "n0")
+    positive = (result.concept_probs >= pipe.config.concept_threshold).tolist()
+    texts = [prompts.label_question(pipe.cs.descriptions[c], [(pipe.cs.concepts[i].text, positive[i]) for i in ids],
+                                    "compact") for c, ids in zip(pipe.cs.codes, shown)]
+    assert all(t.startswith("---\n### Concepts:\n- ") for t in texts)
+    prefix, questions = prompts.encode(pipe.tokenizer, prompts.label_prefix(NOTE, "compact"), texts)
+    yes, no = prompts.answer_ids(pipe.tokenizer, "label", "compact")
+    naive = torch.sigmoid(score_naive(pipe.label_model, head_for(pipe.label_model, yes, no), prefix, questions))
+    got = {c["code"]: c["probability"] for c in result.codes}
+    assert [got[c] for c in pipe.cs.codes] == pytest.approx(naive.tolist(), abs=1e-5)
+
+
 # -- batch ---------------------------------------------------------------------------------------------------
 def write_notes(path, n=3):
     lines = []

@@ -1,4 +1,6 @@
 """The prompts are the paper's text (Figs. 3 and 4), split into a shared prefix and per-question suffixes."""
+import pytest
+
 from cec import prompts
 from tiny_train import tiny_tokenizer
 
@@ -74,3 +76,19 @@ def test_answer_ids_are_distinct_and_cover_every_spelling():
         assert yes and no and not set(yes) & set(no)
         assert len(yes) == len(prompts.YES_ANSWERS)  # the tiny vocabulary has a token for each spelling
         assert tok.decode([yes[0]]) == " yes" and tok.decode([no[-1]]) == "No"
+
+
+def test_compact_label_layout_moves_the_code_independent_text_into_the_prefix():
+    answers = [("Aspiration events", False), ("Ventilator management", True)]
+    paper_q = prompts.label_question("Essential hypertension", answers)
+    compact_q = prompts.label_question("Essential hypertension", answers, "compact")
+    assert compact_q == ("---\n### Concepts:\n- Aspiration events: No\n- Ventilator management: Yes\n"
+                         "### Question: Does the patient contain the disease 'Essential hypertension'?\n### Response:")
+    assert len(compact_q) < len(paper_q) / 2
+    prefix = prompts.label_prefix("NOTE", "compact")
+    assert prefix.startswith(prompts.label_prefix("NOTE")) and prefix.endswith(prompts.LABEL_COMPACT_GUIDE)
+    assert prompts.prefix_for("label", "NOTE", "compact") == prefix
+    tok = tiny_tokenizer()
+    assert prompts.answer_ids(tok, "label", "compact") == prompts.answer_ids(tok, "label", "paper")
+    with pytest.raises(ValueError, match="unknown label layout"):
+        prompts.label_question("x", answers, "short")

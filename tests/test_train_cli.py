@@ -59,6 +59,26 @@ def test_each_stage_trains_an_adapter_that_loads(files, tmp_path, stage):
     load_adapter(model, out)
 
 
+def test_init_adapter_continues_from_its_weights_in_the_compact_layout(files, tmp_path):
+    import torch
+
+    from cec.lora import lora_state_dict
+
+    train.main(["--stage", "label", *args(files, tmp_path / "paper", "--steps", "1", "--grad-accum", "1")])
+    train.main(["--stage", "label", *args(files, tmp_path / "compact", "--steps", "1", "--grad-accum", "1",
+                                          "--lr", "0", "--label-layout", "compact",
+                                          "--init-adapter", str(tmp_path / "paper"))])
+    meta = json.loads((tmp_path / "compact" / "cec_adapter.json").read_text())
+    assert meta["prompts"] == "compact" and meta["init_adapter"] == str(tmp_path / "paper")
+    weights = []
+    for run in ("paper", "compact"):
+        model, _ = load_model(str(files / "model"))
+        load_adapter(model, tmp_path / run)
+        weights.append(lora_state_dict(model))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # lr 0: the init, unchanged
+
+
 def test_resume_continues_and_an_existing_run_needs_resume(files, tmp_path, capsys):
     a = args(files, tmp_path / "run", "--stage", "concept", "--steps", "3", "--grad-accum", "1")
     train.main(a + ["--stop-at", "2"])
