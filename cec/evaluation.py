@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import re
 import time
 from dataclasses import dataclass
@@ -32,8 +31,7 @@ from cec.concepts import ConceptSet, load_concept_set
 from cec.errors import AdapterError, ConfigError, DataError
 from cec.metrics import evaluate, label_matrix, micro_f1, tune_threshold
 from cec.pipeline import DEFAULT_PIPELINE, PIPELINE_FILE, CECPipeline, PipelineConfig, resolve_beside, share_base
-from cec.pipeline import code_questions as code_questions_shown
-from cec.pipeline import trained_layout
+from cec.pipeline import shown_concepts, trained_layout
 
 DEFAULT_KS = (3, 4, 5, 6)
 CONCEPTS = "concept-probs"  # the cache's name for stage-1 concept probabilities
@@ -173,17 +171,17 @@ def concept_probs(pipe: CECPipeline, text: str) -> torch.Tensor:
 
 def code_questions(pipe: CECPipeline, concept_p: torch.Tensor, note_id: str | None, k: int,
                    concept_set: ConceptSet | None = None) -> list[list[int]]:
-    """Stage-2 question ids, one per code, as CECPipeline.code_note builds them (cec.pipeline.code_questions).
+    """Stage-2 question ids, one per code, as CECPipeline.code_note builds them (cec.pipeline.shown_concepts).
     concept_set: a view of the pipeline's set (same concept ids), e.g. leaf_view."""
     cs = concept_set or pipe.cs
-    return pipe.label_question_ids(concept_p, code_questions_shown(pipe.config, cs, concept_p, note_id, k), cs)
+    return pipe.label_question_ids(concept_p, shown_concepts(pipe.config, cs, concept_p, note_id, k), cs)
 
 
 def code_probs_many(pipe: CECPipeline, text: str, concept_p: torch.Tensor, note_id: str | None,
                     variants: dict[str, tuple[int, ConceptSet | None]]) -> dict[str, torch.Tensor]:
     """Stage 2 for several (k, concept-set view) variants at once: one label prefix prefilled, each distinct
     question scored once. Returns variant name -> P(code) in code order."""
-    shown = [(code_questions_shown(pipe.config, view or pipe.cs, concept_p, note_id, k), view or pipe.cs)
+    shown = [(shown_concepts(pipe.config, view or pipe.cs, concept_p, note_id, k), view or pipe.cs)
              for k, view in variants.values()]
     return dict(zip(variants, pipe.code_probs(text, concept_p, shown)))
 

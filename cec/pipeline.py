@@ -118,7 +118,7 @@ def fold_lora(model: Transformer) -> None:
         setattr(model.get_submodule(parent), child, lin)
 
 
-def code_questions(config: PipelineConfig, cs, concept_p: torch.Tensor, note_id: str | None = None,
+def shown_concepts(config: PipelineConfig, cs, concept_p: torch.Tensor, note_id: str | None = None,
                    k: int | None = None) -> list[list[int]]:
     """Stage-2 concepts shown for each code, in prompt order: k of the code's own concepts (its top-scoring ones,
     or a random sample) + m predicted negatives from the rest of the set's concepts, shuffled. cs may be a view
@@ -235,7 +235,7 @@ class CECPipeline:
         concept_p = torch.sigmoid(self.concept_scorer.score(prefix, self.concept_questions))
         t1 = time.perf_counter()
         # stage 2: one question per code, with the answers of k own concepts and m outside negatives
-        shown = code_questions(cfg, cs, concept_p, note_id)
+        shown = shown_concepts(cfg, cs, concept_p, note_id)
         code_p = self.code_probs(text, concept_p, [(shown, cs)])[0]
         t2 = time.perf_counter()
         codes = []

@@ -175,7 +175,7 @@ def test_label_layout_follows_the_adapter_and_scores_equal_naive(tiny, tmp_path)
 
     from cec import prompts
     from cec.cache import head_for, score_naive
-    from cec.pipeline import CECPipeline, code_questions
+    from cec.pipeline import CECPipeline, shown_concepts
 
     folder = tmp_path / "compact"
     shutil.copytree(tiny / "adapted", folder)
@@ -185,7 +185,7 @@ def test_label_layout_follows_the_adapter_and_scores_equal_naive(tiny, tmp_path)
     assert pipe.layout == "compact" and CECPipeline.load(tiny / "adapted").layout == "paper"
     assert CECPipeline.load(folder, label_layout="paper").layout == "paper"
     result = pipe.code_note(NOTE, "n0")
-    shown = code_questions(pipe.config, pipe.cs, result.concept_probs, "n0")
+    shown = shown_concepts(pipe.config, pipe.cs, result.concept_probs, "n0")
     positive = (result.concept_probs >= pipe.config.concept_threshold).tolist()
     texts = [prompts.label_question(pipe.cs.descriptions[c], [(pipe.cs.concepts[i].text, positive[i]) for i in ids],
                                     "compact") for c, ids in zip(pipe.cs.codes, shown)]
