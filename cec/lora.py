@@ -256,6 +256,22 @@ def _our_key(peft_key: str) -> str:
     return key.replace("model.language_model.", "model.")  # adapters of Gemma3ForConditionalGeneration
 
 
+def tensor_mismatch(tensors: dict, expected: dict) -> str | None:
+    """Why saved LoRA tensors cannot be copied into a model's (names -> parameters), or None when they can."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        return (f"has tensors this model lacks, e.g. {unexpected[0]} ({len(unexpected)} in all): "
+                "made for another base model?")
+    if missing:
+        return f"lacks {len(missing)} LoRA tensors, e.g. {missing[0]}"
+    for key, param in expected.items():
+        if tuple(tensors[key].shape) != tuple(param.shape):
+            return (f"has {key} of shape {tuple(tensors[key].shape)}, this model needs {tuple(param.shape)}: "
+                    "made for another base model or rank?")
+    return None
+
+
 def load_adapter(model: nn.Module, folder: str | Path, *, dtype: torch.dtype = torch.float32,
                  dropout: float | None = None) -> tuple[LoraConfig, dict]:
     """Inject LoRA layers as the adapter's config says and load its weights (safetensors only).
@@ -292,17 +308,9 @@ def load_adapter(model: nn.Module, folder: str | Path, *, dtype: torch.dtype = t
                     base_model=config.base_model, dtype=dtype)
         layers = lora_layers(model)
     expected = lora_state_dict(model)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if unexpected:
-        raise AdapterError(f"{folder}: adapter has tensors this model lacks, e.g. {unexpected[0]} "
-                           f"({len(unexpected)} in all): made for another base model?")
-    if missing:
-        raise AdapterError(f"{folder}: adapter lacks {len(missing)} LoRA tensors, e.g. {missing[0]}")
-    for key, param in expected.items():
-        if tuple(tensors[key].shape) != tuple(param.shape):
-            raise AdapterError(f"{folder}: {key} has shape {tuple(tensors[key].shape)}, this model needs "
-                               f"{tuple(param.shape)}: made for another base model or rank?")
+    problem = tensor_mismatch(tensors, expected)
+    if problem:
+        raise AdapterError(f"{folder}: adapter {problem}")
     with torch.no_grad():
         for key, param in expected.items():
             param.copy_(tensors[key].to(param.dtype))

@@ -178,6 +178,20 @@ class Tokenizer:
         atomic_write_json(folder / "tokenizer_config.json", cfg)
 
 
+def train_byte_bpe(corpus, vocab_size: int, source: str) -> Tokenizer:
+    """A byte-level BPE tokenizer learned from `corpus` (strings), with <pad>=0, <eos>=1, <bos>=2: the tokenizer of
+    tiny random models (tests, scripts/soak_batch.py)."""
+    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>", "<bos>"],
+                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(corpus, trainer)
+    return Tokenizer(backend, bos_id=2, eos_ids=[1], pad_id=0, source=source)
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))

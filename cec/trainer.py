@@ -35,7 +35,7 @@ from cec.cache import common_prefix_len, head_for
 from cec.errors import CECError
 from cec.io import atomic_write_text
 from cec.lora import (META_FILE, WEIGHTS_FILE, LoraConfig, lora_parameters, lora_state_dict, model_fingerprint,
-                      save_adapter)
+                      save_adapter, tensor_mismatch)
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.pt"
@@ -440,12 +440,9 @@ class Trainer:
         except (SafetensorError, OSError) as e:
             raise unreadable(WEIGHTS_FILE, e) from None
         params = lora_state_dict(self.model, peft_names=True)
-        if set(tensors) != set(params):
-            raise TrainingError(f"checkpoint {path} does not match this model's LoRA layers")
-        for k, p in params.items():
-            if tuple(tensors[k].shape) != tuple(p.shape):
-                raise TrainingError(f"checkpoint {path} was made for another base model: {k} has shape "
-                                    f"{tuple(tensors[k].shape)}, this model needs {tuple(p.shape)}")
+        problem = tensor_mismatch(tensors, params)
+        if problem:
+            raise TrainingError(f"checkpoint {path} {problem}")
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(tensors[k].to(p.dtype))

@@ -117,23 +117,15 @@ def tiny_concept_set():
 
 def tiny_tokenizer(vocab_size: int = 1024):
     """Byte-level BPE learned from the prompt templates, the concept set and generated notes."""
-    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
-
     from cec import prompts
-    from cec.tokenizer import Tokenizer
+    from cec.tokenizer import train_byte_bpe
 
-    backend = Backend(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>", "<bos>"],
-                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     templates = [prompts.CONCEPT_INSTRUCTION, prompts.CONCEPT_QUESTION, prompts.LABEL_INSTRUCTION,
                  prompts.LABEL_CONCEPTS_INTRO, prompts.LABEL_CONCEPT_LINE, prompts.LABEL_QUESTION,
                  prompts.DIRECT_INSTRUCTION, prompts.DIRECT_QUESTION]
     words = [" ".join(v[2] + v[3] + [v[0]]) for v in CODES.values()]
     corpus = templates * 10 + words * 10 + [n["text"] for n in generate_notes(100, seed=12345)]
-    backend.train_from_iterator(corpus, trainer)
-    return Tokenizer(backend, bos_id=2, eos_ids=[1], pad_id=0, source="soak-tiny")
+    return train_byte_bpe(corpus, vocab_size, source="soak-tiny")
 
 
 def tiny_model_config(vocab_size: int, **over) -> dict:

@@ -175,3 +175,22 @@ def test_nan_loss_stops_with_the_last_checkpoint(tmp_path):
     with pytest.raises(TrainingError, match="last good checkpoint: .*step-000001") as e:
         t.train()
     assert isinstance(e.value, CECError) and "\n" not in str(e.value)
+
+
+def test_checkpoint_with_other_lora_tensors_is_refused_whole(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    trainer(tmp_path, dropout=0.0, steps=1, save_every=1, eval_every=0).train()
+    ckpt = latest_checkpoints(tmp_path)[-1]
+    weights = ckpt / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    dropped = sorted(tensors)[0]
+    save_file({k: v for k, v in tensors.items() if k != dropped}, str(weights))
+
+    fresh = trainer(tmp_path, dropout=0.0, steps=2, save_every=1, eval_every=0)
+    before = {k: v.clone() for k, v in lora_state_dict(fresh.model).items()}
+    with pytest.raises(TrainingError, match=r"step-000001 lacks 1 LoRA tensors") as e:
+        fresh.train(resume=True)
+    assert "\n" not in str(e.value)
+    for k, v in lora_state_dict(fresh.model).items():  # nothing half-restored
+        assert torch.equal(v, before[k]), k

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 from cec.concepts import Concept, ConceptSet
-from cec.tokenizer import Tokenizer
+from cec.tokenizer import Tokenizer, train_byte_bpe
 
 WORDS = ("yes no Yes No yes no Yes No the patient note has pain fever cough chest renal failure acute chronic "
          "hypertension diabetes question answer concept relevant medical disease")
@@ -13,23 +13,15 @@ WORDS = ("yes no Yes No yes no Yes No the patient note has pain fever cough ches
 
 def tiny_tokenizer(vocab_size: int = 300) -> Tokenizer:
     """Byte-level BPE; with a larger vocabulary it learns the prompt templates, so tiny-model runs stay short."""
-    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
-
     from cec import prompts
 
-    backend = Backend(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>", "<bos>"],
-                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     templates = [prompts.CONCEPT_INSTRUCTION, prompts.CONCEPT_QUESTION, prompts.LABEL_INSTRUCTION,
                  prompts.LABEL_CONCEPTS_INTRO, prompts.LABEL_CONCEPT_LINE, prompts.LABEL_QUESTION,
                  prompts.DIRECT_INSTRUCTION, prompts.DIRECT_QUESTION]
     corpus = [" yes no Yes No yes no Yes No"] * 200 + [WORDS] * 20
     if vocab_size > 300:
         corpus += templates * 20
-    backend.train_from_iterator(corpus, trainer)
-    return Tokenizer(backend, bos_id=2, eos_ids=[1], pad_id=0, source="tiny")
+    return train_byte_bpe(corpus, vocab_size, source="tiny")
 
 
 def save_tiny_model(folder: Path, family: str = "gemma3", seed: int = 0, vocab_size: int = 1024, **over) -> Path:
