@@ -90,3 +90,31 @@ def test_perplexity_on_medical_text(ours):
     nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:])
     ppl = math.exp(nll.item())
     assert ppl < 20, ppl
+
+
+def test_shipped_pipeline_codes_a_note(ours):
+    """The shipped pipeline folder loads onto the embedded model (every adapter fits it and the concept set's
+    codes), its label layout is the one its label adapter was trained with, and it codes a note with evidence."""
+    from cec.lora import load_adapter
+    from cec.pipeline import DEFAULT_PIPELINE, CECPipeline, PipelineConfig, share_base, trained_layout
+
+    model, tokenizer = ours
+    config, folder = PipelineConfig.load(DEFAULT_PIPELINE)
+    for rel in (config.concept_adapter, config.label_adapter, config.direct_adapter):
+        assert rel and (folder / rel).is_dir(), rel
+    _, meta = load_adapter(share_base(model), folder / config.direct_adapter)
+    assert meta["stage"] == "direct"
+    pipe = CECPipeline.load(model=share_base(model), tokenizer=tokenizer)  # the fixture's model stays unadapted
+    assert pipe.layout == (config.label_layout or trained_layout(folder / config.label_adapter))
+
+    result = pipe.code_note(CLINICAL_NOTE)
+    cs = pipe.cs
+    assert sorted(c["code"] for c in result.codes) == sorted(cs.codes)
+    texts = {c.text: c.id for c in cs.concepts}
+    for c in result.codes:
+        assert 0.0 <= c["probability"] <= 1.0
+        assert c["predicted"] == (c["probability"] >= config.threshold)
+        shown = [texts[e["concept"]] for e in c["evidence"]]
+        own = set(cs.concept_ids(c["code"]))
+        assert len(shown) <= config.k + config.m and len(set(shown) & own) == min(config.k, len(own))
+    assert result.timing["questions"] == len(cs.concepts) + len(cs.codes)
