@@ -30,7 +30,8 @@ from cec import prompts
 from cec.concepts import ConceptSet, load_concept_set
 from cec.errors import AdapterError, ConfigError, DataError
 from cec.metrics import evaluate, label_matrix, micro_f1, tune_threshold
-from cec.pipeline import DEFAULT_PIPELINE, PIPELINE_FILE, CECPipeline, PipelineConfig, resolve_beside, share_base
+from cec.pipeline import (DEFAULT_PIPELINE, PIPELINE_FILE, CECPipeline, PipelineConfig, fold_lora, resolve_beside,
+                          share_base)
 from cec.pipeline import shown_concepts, trained_layout
 
 DEFAULT_KS = (3, 4, 5, 6)
@@ -219,6 +220,7 @@ class Models:
             want = meta.get("concept_set_codes")
             if want and list(want) != list(cs.codes):
                 raise AdapterError(f"{path}: adapter was trained for another code set than concept set {cs.name!r}")
+            fold_lora(twin)  # as the pipeline does: plain linears, no LoRA matmuls at inference
             return twin.eval()
 
         self.pipe = CECPipeline(model, tokenizer, cs, setup.config, adapted("concept"), adapted("label"),

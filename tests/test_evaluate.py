@@ -168,7 +168,10 @@ def test_code_stage_matches_pipeline_and_direct_uses_base_model(work):
     assert got.tolist() == pytest.approx([expected[c] for c in work.cs.codes], abs=2e-6)
 
     base = models.direct_scorers["direct"].model
-    assert not lora_layers(base) and lora_layers(models.direct_scorers["direct-ft"].model)
+    ft_model = models.direct_scorers["direct-ft"].model
+    assert not lora_layers(base) and not lora_layers(ft_model)  # adapters folded into private copies
+    changed = [k for k, v in ft_model.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
+    assert changed and all(k.endswith("proj.weight") for k in changed)
     yes, no = prompts.answer_ids(models.tokenizer, "direct")
     prefix = models.tokenizer.encode(prompts.direct_prefix(note["text"]), add_bos=True)
     naive = torch.sigmoid(score_naive(base, head_for(base, yes, no), prefix, models.direct_questions))
