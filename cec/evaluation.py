@@ -29,7 +29,7 @@ from tqdm import tqdm
 from cec import prompts
 from cec.concepts import ConceptSet, load_concept_set
 from cec.errors import AdapterError, ConfigError, DataError
-from cec.metrics import evaluate, label_matrix, micro_f1, tune_threshold
+from cec.metrics import GRID_TEXT, evaluate, label_matrix, micro_f1, tune_threshold
 from cec.pipeline import (DEFAULT_PIPELINE, PIPELINE_FILE, CECPipeline, PipelineConfig, fold_lora, resolve_beside,
                           share_base)
 from cec.pipeline import shown_concepts, trained_layout
@@ -462,7 +462,7 @@ def run_evaluation(setup: EvalSetup, systems: list[System], test: list[dict], de
         "main_k": cfg.k, "m": cfg.m, "sampling": cfg.sampling, "concept_threshold": cfg.concept_threshold,
         "device": str(device), "dtype": str(dtype) if dtype else None,
         "macro_f1_definition": MACRO_F1_DEFINITION,
-        "threshold_rule": "tuned on dev by micro-F1 over 0.01..0.99 (step 0.01), applied to test",
+        "threshold_rule": f"tuned on dev by micro-F1 over {GRID_TEXT}, applied to test",
         "cache": str(cache_path), "seconds": round(time.perf_counter() - t0, 3),
         "timing": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in evaluator.timing.items()},
     }
@@ -494,7 +494,7 @@ def render_markdown(payload: dict, title: str | None = None) -> str:
     out = [f"# {title or 'Evaluation'}", "",
            f"Test: {st.get('test', 'test')} ({st['test_notes']} notes, {st['codes']} codes, "
            f"{st['codes_with_test_positives']} with a positive). Thresholds tuned on dev: {st.get('dev', 'dev')} "
-           f"({st['dev_notes']} notes) by micro-F1 over 0.01..0.99, then applied to test. "
+           f"({st['dev_notes']} notes) by micro-F1 over {GRID_TEXT}, then applied to test. "
            f"Model: {model}; concept set: {Path(st['concept_set']).name}; CEC rows show C+ own concepts and "
            f"C- = {st['m']} outside negatives ({st['sampling']} sampling, concept threshold "
            f"{st['concept_threshold']}).", "",

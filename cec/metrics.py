@@ -12,7 +12,11 @@ import numpy as np
 
 from cec.errors import DataError
 
-DEFAULT_GRID = np.round(np.arange(0.01, 1.0, 0.01), 2)
+# 0.01..0.99 by 0.01, plus tails: an overconfident model's best threshold can lie above 0.99 (most scores near 1),
+# a calibrated model's on a rare label below 0.01, and a grid edge would cut the tuning short there.
+GRID_TAILS = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.995, 0.998, 0.999, 0.9995, 0.9998, 0.9999)
+DEFAULT_GRID = np.sort(np.r_[np.round(np.arange(0.01, 1.0, 0.01), 2), GRID_TAILS])
+GRID_TEXT = "0.01..0.99 by 0.01 with tails 0.0001..0.005 and 0.995..0.9999"
 
 
 def label_matrix(label_lists: list[list[str]], codes: list[str]) -> np.ndarray:

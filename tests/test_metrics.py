@@ -102,6 +102,14 @@ def test_tune_threshold_separable():
     assert micro_f1(y, s >= t) == 1.0
 
 
+def test_tune_threshold_reaches_beyond_the_percent_grid():
+    # an overconfident model: every score near 1, positives the nearest; and a calibrated one on a rare label
+    y = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 0]], dtype=bool)
+    high = np.where(y, 0.9999, 0.997)
+    assert tune_threshold(y, high) == 0.998 and micro_f1(y, high >= 0.998) == 1.0
+    assert tune_threshold(y, np.where(y, 0.004, 0.0001)) == 0.0002
+
+
 def test_evaluate_keys_and_values():
     y, scores = random_problem(11, n=25, labels=10)
     out = evaluate(y, scores, 0.5, ks=(5, 8, 15))
