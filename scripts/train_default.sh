@@ -2,24 +2,29 @@
 # The recipe of the shipped default pipeline (Gemma 3 270M, CodiEsp-D50): train the concept, label and direct
 # adapters, write the pipeline folder, tune the code threshold on the first half of dev and report the second.
 #   scripts/train_default.sh MODEL DATA_DIR OUT_DIR     (DATA_DIR from scripts/prepare_codiesp.py)
-# Step counts and the device come from the environment: CONCEPT_STEPS, LABEL_STEPS, DIRECT_STEPS, DEVICE, PY.
+# Step counts and the device come from the environment: CONCEPT_STEPS, LABEL_STEPS, COMPACT_STEPS, DIRECT_STEPS,
+# DEVICE, PY. The label stage is trained in the paper's Fig. 4 layout (label/), then continued on the compact
+# layout (label-compact/, the pipeline's default: code questions of ~70 tokens instead of ~220).
 set -euo pipefail
 MODEL=$1 DATA=$2 OUT=$3
 PY=${PY:-python}
 DEVICE=${DEVICE:-cuda}
-CONCEPT_STEPS=${CONCEPT_STEPS:-500} LABEL_STEPS=${LABEL_STEPS:-600} DIRECT_STEPS=${DIRECT_STEPS:-200}
+CONCEPT_STEPS=${CONCEPT_STEPS:-500} LABEL_STEPS=${LABEL_STEPS:-600} COMPACT_STEPS=${COMPACT_STEPS:-30}
+DIRECT_STEPS=${DIRECT_STEPS:-200}
 DEV_HALF=${DEV_HALF:-125}
 mkdir -p "$OUT"
 common=(--data "$DATA/train.jsonl" --dev "$DATA/dev.jsonl" --concepts codiesp-d50 --model "$MODEL"
         --device "$DEVICE" --save-dtype bfloat16 --no-progress --eval-every 0 --dev-notes 32 --save-every 100)
 $PY train.py --stage concept "${common[@]}" --steps "$CONCEPT_STEPS" --out "$OUT/concept"
 $PY train.py --stage label "${common[@]}" --steps "$LABEL_STEPS" --out "$OUT/label"
+$PY train.py --stage label "${common[@]}" --label-layout compact --init-adapter "$OUT/label" \
+    --steps "$COMPACT_STEPS" --lr 1e-4 --warmup 3 --out "$OUT/label-compact"
 $PY train.py --stage direct "${common[@]}" --steps "$DIRECT_STEPS" --out "$OUT/direct"
 $PY - "$OUT" "$MODEL" <<'PYEOF'
 import sys
 from cec.pipeline import PipelineConfig
 out, model = sys.argv[1], sys.argv[2]
-PipelineConfig(base_model=model, concept_adapter="concept", label_adapter="label", direct_adapter="direct").save(out)
+PipelineConfig(base_model=model, concept_adapter="concept", label_adapter="label-compact", direct_adapter="direct").save(out)
 PYEOF
 head -n "$DEV_HALF" "$DATA/dev.jsonl" > "$OUT/dev_tune.jsonl"
 tail -n +"$((DEV_HALF + 1))" "$DATA/dev.jsonl" > "$OUT/dev_report.jsonl"
