@@ -109,7 +109,7 @@ def format_table(doc: dict, timing: dict, runners_up: int = 5, top_evidence: int
             ev = ", ".join(f"{e['concept']} {e['probability']:.2f}" for e in c["evidence"][:top_evidence])
             yield f"  {'':<{width}}         evidence: {ev}"
 
-    head = f"{doc['code_system']}, threshold {doc['threshold']:.2f}"
+    head = f"{doc['code_system']}, threshold {doc['threshold']:g}"
     if predicted:
         lines = [f"Predicted codes ({head}):", *rows(predicted)] + (["Next most likely:", *rows(rest)] if rest else [])
     else:

@@ -201,7 +201,7 @@ def render_report(doc: dict, *, concept_threshold: float = 0.5, note_id: str | N
         legend.append(f'<div class="code" style="border-color:{colour(k)}"><div class="head">{head}'
                       f'<span class="prob">{c["probability"]:.2f}</span></div><ul>{"".join(items)}</ul></div>')
     if not legend:
-        legend.append(f'<p class="none">No code reached the threshold {doc["threshold"]:.2f}.</p>')
+        legend.append(f'<p class="none">No code reached the threshold {doc["threshold"]:g}.</p>')
 
     rows = "".join(f'<tr class="{"pred" if c["predicted"] else ""}"><td>{e(c["code"])}</td>'
                    f'<td>{e(c["description"])}</td><td class="num">{c["probability"]:.3f}</td>'
@@ -211,7 +211,7 @@ def render_report(doc: dict, *, concept_threshold: float = 0.5, note_id: str | N
               if {"prefix_tokens", "questions", "seconds"} <= set(t) else "")
     name = f" &mdash; {e(note_id)}" if note_id else ""
     meta = (f'{e(doc["code_system"])} &middot; {len(predicted)} of {len(codes)} codes predicted &middot; code '
-            f'threshold {doc["threshold"]:.2f} &middot; concept threshold {concept_threshold:.2f}{timing}')
+            f'threshold {doc["threshold"]:g} &middot; concept threshold {concept_threshold:g}{timing}')
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>

@@ -122,7 +122,7 @@ def test_table_lists_predicted_codes_first_then_timing(plain_doc, tiny, tmp_path
     third = doc["codes"][2]["probability"]
     lines = run(capsys, "--pipeline", tiny / "plain", "--note", write_note(tmp_path), "--threshold",
                 third).splitlines()
-    assert lines[0] == f"Predicted codes (icd9cm, threshold {third:.2f}):"
+    assert lines[0] == f"Predicted codes (icd9cm, threshold {third:g}):"
     codes = [re.match(r"  (\S+)\s+([01]\.\d{3})  (.+)", ln) for ln in lines[1:]]
     shown = [(m[1], float(m[2]), m[3]) for m in codes if m]
     assert [c for c, _, _ in shown] == [c["code"] for c in doc["codes"]]  # 3 predicted, then the other 2
@@ -133,7 +133,7 @@ def test_table_lists_predicted_codes_first_then_timing(plain_doc, tiny, tmp_path
 
     none = dict(doc, threshold=1.0, codes=[dict(c, predicted=False) for c in doc["codes"]])
     lines = infer.format_table(none, {"questions": 28, "prefix_tokens": 400, "seconds": 1.25}).splitlines()
-    assert lines[0] == "No code reached the threshold (icd9cm, threshold 1.00). Most likely:"
+    assert lines[0] == "No code reached the threshold (icd9cm, threshold 1). Most likely:"
     assert lines[1].startswith(f"  {doc['codes'][0]['code']}") and lines[-2].lstrip().startswith("evidence: ")
     assert lines[-1] == "5 codes, 28 questions, 400 note tokens: 1.2 s"
 

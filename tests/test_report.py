@@ -102,7 +102,7 @@ def test_no_predicted_code_still_shows_the_note(tmp_path):
     codes = [code("I10", 0.1, [("high blood pressure", 0.9)])]
     write_report(tmp_path / "r.html", doc(codes=codes))
     page = (tmp_path / "r.html").read_text()
-    assert "No code reached the threshold 0.50" in page and "Blood pressure 172/98" in page
+    assert "No code reached the threshold 0.5" in page and "Blood pressure 172/98" in page
     assert not marks(page)
     assert [p.name for p in tmp_path.iterdir()] == ["r.html"]  # no temp file left behind
 
