@@ -30,8 +30,8 @@ from cec import prompts
 from cec.concepts import ConceptSet, load_concept_set
 from cec.errors import AdapterError, ConfigError, DataError
 from cec.metrics import GRID_TEXT, evaluate, label_matrix, micro_f1, tune_threshold
-from cec.pipeline import (DEFAULT_PIPELINE, PIPELINE_FILE, CECPipeline, PipelineConfig, fold_lora, resolve_beside,
-                          share_base)
+from cec.pipeline import (DEFAULT_PIPELINE, PIPELINE_FILE, CECPipeline, PipelineConfig, load_stage_adapter,
+                          resolve_beside, share_base)
 from cec.pipeline import shown_concepts, trained_layout
 
 DEFAULT_KS = (3, 4, 5, 6)
@@ -205,7 +205,6 @@ class Models:
 
     def __init__(self, setup: EvalSetup, device="cpu", dtype: torch.dtype | None = None, batch_tokens: int = 4096):
         from cec.cache import PrefixScorer, head_for
-        from cec.lora import load_adapter
         from cec.weights import load_model
 
         cs = setup.concept_set
@@ -213,15 +212,7 @@ class Models:
 
         def adapted(stage):
             path = setup.adapters[stage]
-            if path is None:
-                return model
-            twin = share_base(model)
-            _, meta = load_adapter(twin, path, dtype=model.dtype)
-            want = meta.get("concept_set_codes")
-            if want and list(want) != list(cs.codes):
-                raise AdapterError(f"{path}: adapter was trained for another code set than concept set {cs.name!r}")
-            fold_lora(twin)  # as the pipeline does: plain linears, no LoRA matmuls at inference
-            return twin.eval()
+            return model if path is None else load_stage_adapter(share_base(model), path, stage, cs)
 
         self.pipe = CECPipeline(model, tokenizer, cs, setup.config, adapted("concept"), adapted("label"),
                                 batch_tokens=batch_tokens)

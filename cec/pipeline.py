@@ -118,6 +118,23 @@ def fold_lora(model: Transformer) -> None:
         setattr(model.get_submodule(parent), child, lin)
 
 
+def load_stage_adapter(model: Transformer, folder: Path, stage: str, cs, fold: bool = True) -> Transformer:
+    """Load a stage's LoRA adapter into `model` (a twin sharing the base weights), refusing one trained for
+    another stage or code set, and fold it unless fold=False. The one adapter loader of pipeline and evaluation."""
+    from cec.lora import load_adapter, read_adapter_config
+
+    trained_for = read_adapter_config(folder)[1].get("stage")
+    if trained_for is not None and trained_for != stage:
+        raise AdapterError(f"{folder}: a {trained_for}-stage adapter, given as the {stage}-stage adapter")
+    _, meta = load_adapter(model, folder, dtype=model.dtype)
+    want = meta.get("concept_set_codes")
+    if want and list(want) != list(cs.codes):
+        raise AdapterError(f"{folder}: adapter was trained for another code set than concept set {cs.name!r}")
+    if fold:
+        fold_lora(model)
+    return model.eval()
+
+
 def shown_concepts(config: PipelineConfig, cs, concept_p: torch.Tensor, note_id: str | None = None,
                    k: int | None = None) -> list[list[int]]:
     """Stage-2 concepts shown for each code, in prompt order: k of the code's own concepts (its top-scoring ones,
@@ -150,10 +167,14 @@ class NoteResult:
     codes: list[dict]
     concept_probs: torch.Tensor
     timing: dict
+    truncation: dict | None = None  # {"note_tokens", "kept_tokens", "kept_percent"} when the note was cut to fit
 
     def to_json(self, note_text: str, code_system: str, threshold: float) -> dict:
-        return {"note": note_text, "code_system": code_system, "threshold": threshold, "codes": self.codes,
-                "timing": self.timing}
+        doc = {"note": note_text, "code_system": code_system, "threshold": threshold, "codes": self.codes,
+               "timing": self.timing}
+        if self.truncation:
+            doc["truncation"] = self.truncation
+        return doc
 
 
 class CECPipeline:
@@ -181,7 +202,6 @@ class CECPipeline:
         its config fields (threshold, k, ...) and of its concept set. fold: fold the adapters into private
         copies of the layers they adapt (faster; fold=False keeps LoRA layers, e.g. to inspect them)."""
         from cec.concepts import load_concept_set
-        from cec.lora import load_adapter
         from cec.weights import load_model
 
         folder = Path(folder) if folder else DEFAULT_PIPELINE
@@ -199,29 +219,32 @@ class CECPipeline:
         if config.label_layout is None:
             config.label_layout = trained_layout(folder / config.label_adapter if config.label_adapter else None)
         concept_model, label_model = model, share_base(model)
-        for m, rel in ((concept_model, config.concept_adapter), (label_model, config.label_adapter)):
+        for m, stage, rel in ((concept_model, "concept", config.concept_adapter),
+                              (label_model, "label", config.label_adapter)):
             if rel:
-                _, meta = load_adapter(m, folder / rel, dtype=model.dtype)
-                want = meta.get("concept_set_codes")
-                if want and list(want) != list(cs.codes):
-                    raise AdapterError(f"{folder / rel}: adapter was trained for another code set than "
-                                       f"concept set {cs.name!r}")
-                if fold:
-                    fold_lora(m)
-                m.eval()
+                load_stage_adapter(m, folder / rel, stage, cs, fold)
         return cls(model, tokenizer, cs, config, concept_model, label_model)
 
     def fit_note(self, text: str) -> str:
+        return self.fit_note_info(text)[0]
+
+    def fit_note_info(self, text: str) -> tuple[str, dict | None]:
+        """(the note fitted to max_note_tokens, None when it fits whole, else {"note_tokens", "kept_tokens",
+        "kept_percent"}). Longer notes keep their most relevant sections (cec.segment), with a warning."""
         from cec.segment import segment_note
 
         budget = self.config.max_note_tokens
         count = lambda s: len(self.tokenizer.encode(s, add_bos=False))  # noqa: E731
         if len(text) < budget:  # a token is at least one character: short notes fit
-            return text
+            return text, None
         fitted = segment_note(text, budget, count)
-        if fitted != text:
-            print(f"[cec] note longer than {budget} tokens: shortened to its most relevant sections (its beginning when it has none)", file=sys.stderr)
-        return fitted
+        if fitted == text:
+            return text, None
+        total, kept = count(text), count(fitted)
+        info = {"note_tokens": total, "kept_tokens": kept, "kept_percent": round(100 * kept / total, 1)}
+        print(f"[cec] note of {total} tokens is longer than {budget}: kept {kept} tokens ({info['kept_percent']}%), "
+              "its most relevant sections (its beginning when it has none)", file=sys.stderr)
+        return fitted, info
 
     @torch.no_grad()
     def code_note(self, text: str, note_id: str | None = None) -> NoteResult:
@@ -229,7 +252,7 @@ class CECPipeline:
             raise DataError("the note is empty")
         cfg, cs = self.config, self.cs
         t0 = time.perf_counter()
-        text = self.fit_note(text)
+        text, truncation = self.fit_note_info(text)
         # stage 1: every concept against the cached note
         prefix = self.tokenizer.encode(prompts.concept_prefix(text), add_bos=True)
         concept_p = torch.sigmoid(self.concept_scorer.score(prefix, self.concept_questions))
@@ -241,8 +264,10 @@ class CECPipeline:
         codes = []
         for j, code in enumerate(cs.codes):
             p = float(code_p[j])
+            own = set(cs.concept_ids(code))
             evidence = [{"concept": cs.concepts[i].text, "level": cs.concepts[i].level,
-                         "probability": round(float(concept_p[i]), 6)} for i in shown[j]]
+                         "probability": round(float(concept_p[i]), 6),
+                         "role": "own" if i in own else "outside"} for i in shown[j]]
             evidence.sort(key=lambda e: -e["probability"])
             codes.append({"code": code, "description": cs.descriptions[code], "probability": round(p, 6),
                           "predicted": p >= cfg.threshold, "evidence": evidence})
@@ -250,7 +275,7 @@ class CECPipeline:
         timing = {"prefix_tokens": len(prefix), "questions": len(self.concept_questions) + len(shown),
                   "seconds": round(t2 - t0, 3), "concept_seconds": round(t1 - t0, 3),
                   "label_seconds": round(t2 - t1, 3)}
-        return NoteResult(note_id, codes, concept_p, timing)
+        return NoteResult(note_id, codes, concept_p, timing, truncation)
 
     def label_question_ids(self, concept_p: torch.Tensor, shown: list[list[int]], cs=None) -> list[list[int]]:
         """Token ids of the code questions (cs.codes order) showing these concepts with their predicted answers."""

@@ -105,7 +105,7 @@ def test_json_output_follows_the_contract(plain_doc, tiny, tmp_path, capsys):
     for c in doc["codes"]:
         assert set(c) == CODE_KEYS and 0 <= c["probability"] <= 1
         assert c["predicted"] == (c["probability"] >= 0.5)
-        assert c["evidence"] and all(set(e) == {"concept", "level", "probability"} for e in c["evidence"])
+        assert c["evidence"] and all(set(e) == {"concept", "level", "probability", "role"} for e in c["evidence"])
     assert set(doc["timing"]) == {"prefix_tokens", "questions", "seconds"}
     assert doc["timing"]["questions"] == N_CONCEPTS + 5  # every concept once, then every code once
 
