@@ -14,6 +14,8 @@ ICD-9-CM hierarchy: leaf (401.91 / 96.71) -> 4-character code (401.9 / 96.7) -> 
 Range nodes come from the descriptions file when it has them, else from the chapter list below.
 
 ICD-10-CM comes from the PyPI package simple-icd-10-cm: code -> ... -> category -> block (R50-R69) -> chapter.
+ICD-10-PCS codes (7 characters, no dot: 0DTJ4ZZ) are only normalised; `mimic_code` dots a MIMIC icd_code by its
+icd_version and table (diagnoses or procedures).
 
     icd9 = icd9cm(descriptions="ICD9_descriptions")
     icd9.parent("96.71") -> "96.7";  icd9.ancestors("401.9") -> ["401", "401-405.99", "390-459.99", "001-999.99"]
@@ -30,6 +32,8 @@ from cec.errors import DataError
 
 _PROC = re.compile(r"^\d{2}(\.\d{1,2})?$")
 _DX = re.compile(r"^(\d{3}|V\d{2}|E\d{3})(\.\d{1,2})?$")
+_ICD10CM = re.compile(r"^[A-Z]\d[0-9A-Z](\.?[0-9A-Z]{1,4})?$")
+_ICD10PCS = re.compile(r"^[0-9A-HJ-NP-Z]{7}$")  # PCS has no letters I and O
 
 # ICD-9-CM chapters (NCHS tabular list), used when no table with range nodes is given.
 ICD9_CHAPTERS = {
@@ -195,9 +199,9 @@ class ICD10CM:
     @staticmethod
     def normalize(code: str, kind: str | None = None) -> str:
         s = str(code).strip().upper()
-        if "-" in s or s.isdigit():
+        if "-" in s or s.isdigit():  # a block (R50-R69) or a chapter (18)
             return s
-        if not re.match(r"^[A-Z]\d[0-9A-Z](\.?[0-9A-Z]{1,4})?$", s):
+        if not _ICD10CM.match(s):
             raise DataError(f"not an ICD-10-CM code: {code!r}")
         s = s.replace(".", "")
         return s if len(s) <= 3 else f"{s[:3]}.{s[3:]}"
@@ -213,6 +217,30 @@ class ICD10CM:
 
     def ancestors(self, code: str) -> list[str]:
         return list(self._sic.get_ancestors(code)) if code in self else []
+
+
+def normalize_icd10pcs(code: str) -> str:
+    """An ICD-10-PCS code as written in MIMIC-IV: 7 characters, upper case, no dot (0DTJ4ZZ)."""
+    s = str(code).strip().upper().replace(".", "")
+    if not _ICD10PCS.match(s):
+        raise DataError(f"not an ICD-10-PCS code: {code!r}")
+    return s
+
+
+def mimic_code(code: str, version, is_diag: bool) -> str:
+    """A MIMIC icd_code (no dot; leading zeros kept as written) in the dotted form of its code system: ICD-9-CM
+    diagnoses after 3 characters (4 for E codes), ICD-9-CM procedures after 2, ICD-10-CM after 3, ICD-10-PCS none.
+    0389 -> 038.9 (dx), 0040 -> 00.40 (proc), E8490 -> E849.0, I10 -> I10, A419 -> A41.9, 0DTJ4ZZ -> 0DTJ4ZZ."""
+    version = str(version).strip()
+    if version == "9":
+        return ICD9CM.normalize(code, kind="dx" if is_diag else "proc")
+    if version == "10":
+        if not is_diag:
+            return normalize_icd10pcs(code)
+        if not _ICD10CM.match(str(code).strip().upper()):  # normalize lets chapters (18) through; a table has none
+            raise DataError(f"not an ICD-10-CM code: {code!r}")
+        return ICD10CM.normalize(code)
+    raise DataError(f"icd_version must be 9 or 10, got {version!r}")
 
 
 # -- sources -------------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ import csv
 import pytest
 
 from cec.errors import DataError
-from cec.icd import ICD9CM, code_system, icd9cm
+from cec.icd import ICD9CM, code_system, icd9cm, mimic_code, normalize_icd10pcs
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +109,32 @@ def test_icd10cm_parents_match_codiesp_table(shared_dir):
         icd.normalize("123.4")
     with pytest.raises(DataError, match="unknown code system"):
         code_system("icd11")
+
+
+@pytest.mark.parametrize("code, version, is_diag, dotted", [
+    ("4019", 9, True, "401.9"), ("0389", "9", True, "038.9"), ("486", "9", True, "486"),
+    ("V5861", "9", True, "V58.61"), ("E8490", "9", True, "E849.0"), ("E849", "9", True, "E849"),
+    ("0040", "9", False, "00.40"), ("0407", "9", False, "04.07"), ("966", "9", False, "96.6"),
+    ("9671", "9", True, "967.1"), ("9671", "9", False, "96.71"),  # one dotless string, two codes
+    ("I10", "10", True, "I10"), ("A419", "10", True, "A41.9"), ("Z3A38", "10", True, "Z3A.38"),
+    ("S72001A", " 10 ", True, "S72.001A"), ("E119", "10", True, "E11.9"), ("V0001XA", "10", True, "V00.01XA"),
+    ("0DTJ4ZZ", "10", False, "0DTJ4ZZ"), ("02HV33Z", "10", False, "02HV33Z"),
+])
+def test_mimic_code_dots_per_code_system(code, version, is_diag, dotted):
+    assert mimic_code(code, version, is_diag) == dotted
+
+
+@pytest.mark.parametrize("code, version, is_diag, match", [
+    ("4019", "11", True, "icd_version must be 9 or 10"), ("", "9", True, "not an ICD-9-CM"),
+    ("18", "10", True, "not an ICD-10-CM"), ("R50-R69", "10", True, "not an ICD-10-CM"),
+    ("0DTJ4Z", "10", False, "not an ICD-10-PCS"), ("0DTI4ZZ", "10", False, "not an ICD-10-PCS"),
+    ("A419", "10", False, "not an ICD-10-PCS"),
+])
+def test_mimic_code_refuses_what_is_not_a_code(code, version, is_diag, match):
+    with pytest.raises(DataError, match=match):
+        mimic_code(code, version, is_diag)
+
+
+def test_icd10pcs_keeps_its_seven_characters():
+    assert normalize_icd10pcs(" 0dtj4zz ") == "0DTJ4ZZ"
+    assert normalize_icd10pcs("0DT.J4ZZ") == "0DTJ4ZZ"
