@@ -10,6 +10,7 @@ import pytest
 
 from cec.data import read_codes, read_notes
 from cec.errors import DataError
+from cec.icd import mimic_code
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "prepare_mimic3.py"
@@ -30,6 +31,7 @@ NOTES = [  # (row_id, subject, hadm, chartdate, category, description, text)
     (5, 2, 200, "2100-02-05", "Discharge summary", "Report", "Brief Hospital Course:\nInvented course of plimber."),
     (6, 3, 300, "2100-03-05", "Nursing", "Nursing note", "Invented nursing text."),
     (8, 4, 400, "2100-04-05", "Discharge summary", "Report", "History of Present Illness:\nInvented story."),
+    (10, 6, 600, "2100-06-05", "Discharge summary", "Report", "Invented note of an admission without codes."),
 ]
 DIAGNOSES = [  # (subject, hadm, seq, code)
     (1, 100, 2, "V5861"), (1, 100, 1, "4019"), (1, 100, 3, "E8790"), (1, 100, 4, ""),
@@ -72,6 +74,8 @@ def write_splits(folder: Path):
             "test": "subject_id,hadm_id,labels\n2,200,790.8\n"}  # 790.8 is not among 200's codes
     for split, text in rare.items():
         (folder / "kept_rare50" / f"rare50_{split}.csv").write_text(text)
+    (folder / "mimiciii_clean_split.csv").write_text("hadm_id,split\n100,train\n200,val\n300,train\n400,test\n"
+                                                     "600,train\n")
 
 
 @pytest.fixture
@@ -90,14 +94,15 @@ def run(inputs, *extra):
     ("4019", True, "401.9", "401.9"), ("V5861", True, "V58.61", "V58.61"), ("E8790", True, "E879.0", "E879.0"),
     ("0389", True, "038.9", "038.9"), ("486", True, "486", "486"), ("E849", True, "E849", "E849"),
     ("3893", False, "38.93", "38.93"), ("0407", False, "04.07", "40.7"), ("966", False, "96.6", "96.6"),
+    ("0001", False, "00.01", "1"),
 ])
 def test_reformat_code(code, is_diag, dotted, caml):
-    assert prepare_mimic3.reformat_code(code, is_diag) == dotted
+    assert mimic_code(code, 9, is_diag) == dotted
     assert prepare_mimic3.caml_reformat_code(code, is_diag) == caml
 
 
-def test_build_all_sets(inputs, caplog):
-    summary = run(inputs)
+def test_build_caml_and_kept_sets(inputs, caplog):
+    summary = run(inputs, "--sets", "50", "rare50", "full")
     out = inputs / "out"
 
     train50 = read_notes(out / "mimic3-50" / "train.jsonl")
@@ -126,6 +131,48 @@ def test_build_all_sets(inputs, caplog):
                                     "empty_labels": 1, "labels_not_in_tables": 0}
     assert summary["mimic3-rare50"]["labels_not_in_tables"] == 1
     assert "1 published labels not among the admission's codes" in caplog.text
+
+
+def test_clean_set(inputs, caplog):
+    summary = run(inputs, "--sets", "clean", "--min-count", "2", "--text", "edin")
+    out = inputs / "out" / "mimic3-clean"
+    # codes of at least 2 admissions of the split with a note: 401.9 (100, 200) and 04.07 (100, 400)
+    assert read_codes(out / "codes.txt") == ["04.07", "401.9"]
+    train = read_notes(out / "train.jsonl")
+    assert [(n["id"], n["labels"]) for n in train] == [("100", ["04.07", "401.9"])]  # 300 no note, 600 no code
+    assert train[0]["text"] == ("admission date chief complaint quoted fever chills discharge diagnosis zorbic fever "
+                                "addendum the zorbic rash resolved second addendum")
+    assert [(n["id"], n["labels"]) for n in read_notes(out / "dev.jsonl")] == [("200", ["401.9"])]  # val -> dev
+    assert [(n["id"], n["labels"]) for n in read_notes(out / "test.jsonl")] == [("400", ["04.07"])]
+    assert summary["mimic3-clean"] == {"codes": 2, "train": 1, "dev": 1, "test": 1, "missing_notes": 1,
+                                       "no_labels": 1}
+    assert "mimic3-clean: 1 admissions without a code of the set, dropped" in caplog.text
+    # with Edin et al.'s 10, no code of these invented tables is frequent enough
+    with pytest.raises(DataError, match="mimic3-clean train: none of its 3 admissions has a note with a code"):
+        run(inputs, "--sets", "clean")
+
+
+def test_edin_text_follows_their_preprocessor():
+    edin = prepare_mimic3.edin_text
+    # non-ASCII letters go too; a number that starts the note stays; brackets stay (remove_brackets=False)
+    assert edin("2 Tabs_daily, café  3\n[**Name**] 40 mg 5 6 x") == "2 tabs daily caf name mg x"
+    assert edin("dose 5 6 ") == "dose"  # a trailing space makes the last number one between spaces
+    assert edin("dose 5 6") == "dose 6"  # their regex needs a space after the number: the last one stays
+    assert edin("B12 and 1st, 2-3 days") == "b12 and 1st days"
+    assert prepare_mimic3.caml_tokenize("2 Tabs_daily, café") == "tabs_daily café"
+
+
+def test_edin_split_file_errors(tmp_path):
+    path = tmp_path / "split.csv"
+    for text, match in (("", "expected the header hadm_id,split"), ("_id,split\n1,train\n", "expected the header"),
+                        ("hadm_id,split\n1,dev\n", r":2: expected a numeric hadm_id and train, val or test"),
+                        ("hadm_id,split\n1,train\n1,test\n", ":3: hadm_id 1 is listed twice"),
+                        ("hadm_id,split\n1,train\n2,val\n", "no admission in split test")):
+        path.write_text(text)
+        with pytest.raises(DataError, match=match):
+            prepare_mimic3.read_edin_split(path)
+    with pytest.raises(DataError, match="missing split file"):
+        prepare_mimic3.read_edin_split(tmp_path / "none.csv")
 
 
 def test_caml_text_and_gzip(tmp_path):
@@ -176,3 +223,6 @@ def test_public_split_files(shared_dir):
     assert sum(map(len, [labels for _, labels in splits["rare50"]["test"]])) == 146  # 148 written, 2 repeats
     full_ids = {h for rows in splits["full"].values() for h, _ in rows}
     assert all(h in full_ids for rows in splits["50"].values() for h, _ in rows)
+    clean = prepare_mimic3.load_splits(mimic3, ["clean"])["clean"]
+    assert {s: len(v) for s, v in clean.items()} == {"train": 38401, "dev": 5577, "test": 8734}
+    assert {h for rows in clean.values() for h, _ in rows} <= full_ids  # Edin et al. kept 52,712 of CAML's 52,726
