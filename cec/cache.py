@@ -61,6 +61,8 @@ class PrefixScorer:
     """Scores yes/no questions that all follow one shared prefix.
 
     score(prefix_ids, questions) -> float32 scores l_yes - l_no, one per question; P(yes) = sigmoid(score).
+    score(prefix_ids, questions, hide) -> the same with hide[i] = (start, end) prefix token positions that
+    question i may not attend to (None: sees all); a mask in the prefix partial, the prefix is still encoded once.
     """
 
     def __init__(self, model: Transformer, head: YesNoHead, *, batch_tokens: int = 4096, max_batch: int = 256,
@@ -77,16 +79,20 @@ class PrefixScorer:
         return cache
 
     @torch.no_grad()
-    def score(self, prefix_ids: list[int], questions: list[list[int]]) -> torch.Tensor:
+    def score(self, prefix_ids: list[int], questions: list[list[int]],
+              hide: list[tuple[int, int] | None] | None = None) -> torch.Tensor:
         if not questions:
             return torch.empty(0)
         if any(len(q) == 0 for q in questions):
             raise ValueError("every question needs at least one token")
+        if hide is not None and not any(hide):
+            hide = None
         t0 = time.perf_counter()
-        shared = common_prefix_len(questions) if self.share_question_prefix else 0
+        # shared question tokens would go into the cache having read the hidden keys: none shared with hide
+        shared = common_prefix_len(questions) if self.share_question_prefix and hide is None else 0
         cache = self.encode_prefix(list(prefix_ids) + list(questions[0][:shared]))
         t1 = time.perf_counter()
-        scores = self.score_cached(cache, [q[shared:] for q in questions])
+        scores = self.score_cached(cache, [q[shared:] for q in questions], hide)
         t2 = time.perf_counter()
         st = self.stats
         st.prefix_tokens, st.shared_question_tokens = len(prefix_ids), shared
@@ -94,7 +100,8 @@ class PrefixScorer:
         return scores
 
     @torch.no_grad()
-    def score_cached(self, cache: KVCache, questions: list[list[int]]) -> torch.Tensor:
+    def score_cached(self, cache: KVCache, questions: list[list[int]],
+                     hide: list[tuple[int, int] | None] | None = None) -> torch.Tensor:
         """Scores of questions (already stripped of anything in the cache) against a prefilled cache."""
         dev = self.model.device
         lengths = [len(q) for q in questions]
@@ -107,7 +114,10 @@ class PrefixScorer:
                 ids[row, : lengths[i]] = torch.tensor(questions[i])
             ids = ids.to(dev)
             last = torch.tensor([lengths[i] - 1 for i in idx], device=dev)
-            h_last = self.model(ids, prefix=cache, final_norm=False, last=last)[:, 0]
+            seen = None
+            if hide is not None and any(hide[i] for i in idx):
+                seen = visible(cache.length, [hide[i] for i in idx], dev)
+            h_last = self.model(ids, prefix=cache, final_norm=False, last=last, prefix_mask=seen)[:, 0]
             out[torch.tensor(idx, device=dev)] = self.head.scores(h_last)
             n_tok += ids.numel()
             n_batch += 1
@@ -115,10 +125,21 @@ class PrefixScorer:
         return out.float().cpu()
 
 
+def visible(length: int, hide: list[tuple[int, int] | None], device=None) -> torch.Tensor:
+    """[len(hide), length] bool: False on each row's hidden (start, end) range."""
+    seen = torch.ones(len(hide), length, dtype=torch.bool, device=device)
+    for row, h in enumerate(hide):
+        if h is not None:
+            seen[row, h[0]: h[1]] = False
+    return seen
+
+
 @torch.no_grad()
 def score_naive(model: Transformer, head: YesNoHead, prefix_ids: list[int], questions: list[list[int]],
-                batch_tokens: int = 8192, pad_id: int = 0) -> torch.Tensor:
-    """The baseline: every question re-encodes the whole prefix (batched, right-padded). Same scores."""
+                batch_tokens: int = 8192, pad_id: int = 0,
+                hide: list[tuple[int, int] | None] | None = None) -> torch.Tensor:
+    """The baseline: every question re-encodes the whole prefix (batched, right-padded). Same scores.
+    hide: as PrefixScorer.score, an explicit attention mask keeping the question tokens off those prefix keys."""
     seqs = [list(prefix_ids) + list(q) for q in questions]
     lengths = [len(s) for s in seqs]
     out = torch.empty(len(seqs), dtype=torch.float32)
@@ -129,7 +150,14 @@ def score_naive(model: Transformer, head: YesNoHead, prefix_ids: list[int], ques
         for row, i in enumerate(idx):
             ids[row, : lengths[i]] = torch.tensor(seqs[i])
         last = torch.tensor([lengths[i] - 1 for i in idx], device=dev)
-        out[torch.tensor(idx)] = head.scores(model(ids.to(dev), final_norm=False, last=last)[:, 0]).float().cpu()
+        mask = None
+        if hide is not None and any(hide[i] for i in idx):
+            # causal, and the rows from len(prefix) on (the question) blind to their hidden prefix keys
+            mask = torch.ones(len(idx), width, width, dtype=torch.bool).tril()
+            mask[:, len(prefix_ids):, : len(prefix_ids)] &= visible(len(prefix_ids), [hide[i] for i in idx])[:, None]
+            mask = mask.to(dev)
+        out[torch.tensor(idx)] = head.scores(model(ids.to(dev), mask=mask, final_norm=False, last=last)[:, 0]
+                                             ).float().cpu()
     return out
 
 

@@ -253,7 +253,7 @@ class Transformer(nn.Module):
             out[kind] = (cos, sin)
         return out
 
-    def _masks(self, positions, k_pos, mask, prefix, windows, batch):
+    def _masks(self, positions, k_pos, mask, prefix, windows, batch, prefix_mask=None):
         """LayerMasks per distinct sliding window (None = full attention), built once per forward."""
         out = {}
         t = positions.shape[-1]
@@ -274,11 +274,15 @@ class Transformer(nn.Module):
                     pmask = position_mask(q_flat, p_pos, w)
                     if positions.dim() == 1 and batch > 1:
                         pmask = pmask.repeat(batch, 1)
+            if prefix_mask is not None:  # [B, P] per question -> [B*T, P] per question token
+                hide = prefix_mask.repeat_interleave(t, 0)
+                pmask = hide if pmask is None else pmask & hide
             out[w] = LayerMasks(attn, pmask)
         return out
 
     def forward(self, input_ids, positions=None, mask=None, cache: KVCache | None = None,
-                prefix: KVCache | None = None, final_norm: bool = True, last: torch.Tensor | None = None):
+                prefix: KVCache | None = None, final_norm: bool = True, last: torch.Tensor | None = None,
+                prefix_mask: torch.Tensor | None = None):
         """Hidden states [B, T, H] (after the final norm unless final_norm=False).
 
         last: [B] the one position per sequence whose hidden state is wanted: the final layer then runs its
@@ -288,6 +292,7 @@ class Transformer(nn.Module):
         mask: extra bool mask [T, T] or [B, T, T] (True = may attend), e.g. the block mask of packed training.
         cache: append this call's K/V to the cache and attend to everything cached.
         prefix: score questions against a shared prefix cache (read only); input_ids are [B, L] questions.
+        prefix_mask: [B, prefix.length] bool, the prefix keys each question may see (True = visible).
         """
         cfg = self.config
         b, t = input_ids.shape
@@ -300,7 +305,7 @@ class Transformer(nn.Module):
             h = h * torch.tensor(cfg.hidden_size ** 0.5, dtype=h.dtype)
         rope = self._rope(positions, h.dtype)
         windows = {cfg.sliding_window if cfg.is_sliding(i) else None for i in range(cfg.num_layers)}
-        masks = self._masks(positions, k_pos, mask, prefix, windows, b)
+        masks = self._masks(positions, k_pos, mask, prefix, windows, b, prefix_mask)
         final = cfg.num_layers - 1
         for i, layer in enumerate(self.model.layers):
             sliding = cfg.is_sliding(i)
