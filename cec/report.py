@@ -39,11 +39,11 @@ def colour(i: int) -> str:
     return f"hsl({(i * 137.508) % 360:.0f}, 80%, 78%)"
 
 
-def sentence_spans(text: str) -> list[tuple[int, int]]:
-    """(start, end) character spans of the note's sentences: cut after . ! ? ; before whitespace and at every
-    newline; whitespace trimmed, spans without a letter or digit dropped."""
+def sentence_spans(text: str, ends: str = ".!?;") -> list[tuple[int, int]]:
+    """(start, end) character spans of the note's sentences: cut after any of `ends` before whitespace and at
+    every newline; whitespace trimmed, spans without a letter or digit dropped."""
     spans, start = [], 0
-    for m in re.finditer(r"[.!?;](?=\s)|\n", text):
+    for m in re.finditer(rf"[{re.escape(ends)}](?=\s)|\n", text):
         spans.append((start, m.end()))
         start = m.end()
     spans.append((start, len(text)))

@@ -1,0 +1,184 @@
+"""Model-grounded evidence: the sentences of the note that a code's answers depend on.
+
+A sentence's drop for a yes/no question is the question's score (l_yes - l_no) with the whole note minus its
+score when the question's tokens may not attend to that sentence's tokens of the cached note
+(PrefixScorer.score(..., hide)). Each stage's prefix is prefilled once; every (question, sentence) pair is one
+more short question against it, so nothing of the note is re-encoded per sentence. The hidden keys are those of
+the sentence only: later note tokens, which read it while the note was encoded, stay visible.
+
+A code's sentence score is sum_i w_i * drop_i over its concepts (evidence_weights), plus the drop of the code's
+own stage-2 question while stage 2 is the label LLM. For a linear concept bottleneck (code logit =
+b + sum_i w_i * logit(p_i)) the concept part is exactly the code's logit drop.
+
+    result = pipe.code_note(text, note_id)
+    doc = result.to_json(text, pipe.cs.code_system, pipe.config.threshold)
+    add_evidence(doc, pipe, text, result)    # "spans" on each predicted code, "sentence" on its Yes concepts
+"""
+from __future__ import annotations
+
+import re
+import time
+
+import torch
+
+from cec import prompts
+from cec.pipeline import shown_concepts
+from cec.report import sentence_spans
+
+LONG_LINE = 300  # characters: a longer line is cut into sentences, a shorter one is one sentence
+TOP = 3  # spans kept per code
+
+
+def note_sentences(text: str, long: int = LONG_LINE) -> list[tuple[int, int]]:
+    """(start, end) character spans: one per non-blank line (CodiEsp's English is one sentence a line), a line
+    longer than `long` cut at . ! ? ; (cec.report.sentence_spans); whitespace trimmed."""
+    out = []
+    for m in re.finditer(r"[^\n]+", text):
+        pieces = [(m.start() + a, m.start() + b) for a, b in sentence_spans(m.group())]
+        if pieces and len(m.group()) <= long:
+            pieces = [(pieces[0][0], pieces[-1][1])]
+        out.extend(pieces)
+    return out
+
+
+def token_ranges(tokenizer, prefix_text: str, note_at: int, spans: list[tuple[int, int] | None]
+                 ) -> list[tuple[int, int] | None]:
+    """Token positions [a, b) of each character span of the note inside prefix_text (the note starts at
+    character note_at), by encoding the prefix up to each boundary (with BOS, as the prefix is encoded).
+    Whitespace before a span goes with it, as BPE glues a space to the word after it, so the ranges of
+    adjacent sentences touch."""
+    def count(i):
+        while i > 0 and prefix_text[i - 1].isspace():
+            i -= 1
+        return len(tokenizer.encode(prefix_text[:i], add_bos=True))
+
+    out = []
+    for span in spans:
+        if span is None:
+            out.append(None)
+            continue
+        a = count(note_at + span[0])
+        out.append((a, max(count(note_at + span[1]), a + 1)))
+    return out
+
+
+def fitted_spans(text: str, fitted: str, spans: list[tuple[int, int]]) -> list[tuple[int, int] | None]:
+    """The spans of `text` where they are in `fitted` (the note cut to the token budget), None where cut."""
+    if fitted == text:
+        return list(spans)
+    out, at = [], 0
+    for a, b in spans:
+        i = fitted.find(text[a:b], at)
+        out.append(None if i < 0 else (i, i + b - a))
+        at = i + b - a if i >= 0 else at
+    return out
+
+
+def _prefix(pipe, stage: str, text: str, spans):
+    """(prefix ids, token range per span or None) of a stage's prefix around the fitted note."""
+    fitted = pipe.fit_note(text)
+    prefix_text = prompts.prefix_for(stage, fitted, pipe.layout)
+    note_at = prompts.prefix_for(stage, "\0", pipe.layout).index("\0")
+    ranges = token_ranges(pipe.tokenizer, prefix_text, note_at, fitted_spans(text, fitted, spans))
+    return pipe.tokenizer.encode(prefix_text, add_bos=True), ranges
+
+
+def drops(scorer, prefix_ids: list[int], questions: list[list[int]], ranges) -> torch.Tensor:
+    """[len(questions), len(ranges)]: score with the whole prefix minus score with each range hidden (0 for a
+    range that is None). One scorer call: the unhidden questions and every (question, range) pair."""
+    pairs = [(q, s) for q in range(len(questions)) for s, r in enumerate(ranges) if r is not None]
+    out = torch.zeros(len(questions), len(ranges))
+    if not questions:
+        return out
+    scores = scorer.score(prefix_ids, questions + [questions[q] for q, _ in pairs],
+                          [None] * len(questions) + [ranges[s] for _, s in pairs])
+    if pairs:
+        q, s = torch.tensor(pairs).T
+        out[q, s] = scores[q] - scores[len(questions):]
+    return out
+
+
+def concept_drops(pipe, text: str, concept_ids: list[int], spans) -> torch.Tensor:
+    """[len(concept_ids), len(spans)] drops of the concept questions (stage 1) for each hidden sentence."""
+    prefix, ranges = _prefix(pipe, "concept", text, spans)
+    return drops(pipe.concept_scorer, prefix, [pipe.concept_questions[i] for i in concept_ids], ranges)
+
+
+def shown(pipe, result) -> list[list[int]]:
+    """The concepts stage 2 showed for each code of pipe.cs (deterministic, as code_note chose them)."""
+    return shown_concepts(pipe.config, pipe.cs, result.concept_probs, result.note_id)
+
+
+def code_question_drops(pipe, text: str, result, code_indices: list[int], spans) -> torch.Tensor:
+    """[len(code_indices), len(spans)] drops of the codes' stage-2 questions (label prefix) per hidden sentence."""
+    prefix, ranges = _prefix(pipe, "label", text, spans)
+    questions = pipe.label_question_ids(result.concept_probs, shown(pipe, result))
+    return drops(pipe.label_scorer, prefix, [questions[j] for j in code_indices], ranges)
+
+
+def evidence_weights(pipe, result, code_index: int) -> dict[int, float]:
+    """The weight of each concept in code `code_index`'s (index into pipe.cs.codes) answer: 1.0 for each of its
+    own concepts shown to stage 2 and answered Yes. The one place that says how concepts weigh in a code."""
+    own = set(pipe.cs.concept_ids(pipe.cs.codes[code_index]))
+    yes = result.concept_probs >= pipe.config.concept_threshold
+    return {i: 1.0 for i in shown(pipe, result)[code_index] if i in own and bool(yes[i])}
+
+
+def stage2_is_llm(pipe) -> bool:
+    """Whether stage 2 is the label LLM, whose own question also reads the note (then its drop counts too)."""
+    return getattr(pipe, "label_scorer", None) is not None
+
+
+def attribute(pipe, text: str, result, code_indices: list[int], spans=None):
+    """(spans, concept ids, concept drops [C, S], code scores [len(code_indices), S]); two scorer calls."""
+    spans = note_sentences(text) if spans is None else spans
+    weights = [evidence_weights(pipe, result, j) for j in code_indices]
+    concept_ids = sorted({i for w in weights for i in w})
+    cdrops = concept_drops(pipe, text, concept_ids, spans)
+    row = {i: r for r, i in enumerate(concept_ids)}
+    w = torch.zeros(len(code_indices), len(concept_ids))
+    for k, wk in enumerate(weights):
+        for i, v in wk.items():
+            w[k, row[i]] = v
+    scores = w @ cdrops
+    if stage2_is_llm(pipe) and code_indices:
+        scores = scores + code_question_drops(pipe, text, result, code_indices, spans)
+    return spans, concept_ids, cdrops, scores
+
+
+def _span(text: str, span: tuple[int, int], score: float) -> dict:
+    return {"start": span[0], "end": span[1], "text": text[span[0]:span[1]], "score": round(float(score), 4)}
+
+
+def ranked(text: str, spans, scores: torch.Tensor, top: int | None = TOP) -> list[dict]:
+    """The spans with a positive score, best first (at most `top`; None: all)."""
+    order = [s for s in torch.argsort(scores, descending=True, stable=True).tolist() if scores[s] > 0]
+    return [_span(text, spans[s], scores[s]) for s in order[:top]]
+
+
+def explain(pipe, text: str, result, codes: list[str] | None = None, top: int | None = TOP) -> dict[str, list[dict]]:
+    """{code: [{"start", "end", "text", "score"}, ...] best first} for `codes` (default: the predicted ones)."""
+    if codes is None:
+        codes = [c["code"] for c in result.codes if c["predicted"]]
+    index = {c: j for j, c in enumerate(pipe.cs.codes)}
+    spans, _, _, scores = attribute(pipe, text, result, [index[c] for c in codes])
+    return {c: ranked(text, spans, scores[k], top) for k, c in enumerate(codes)}
+
+
+def add_evidence(doc: dict, pipe, text: str, result, top: int | None = TOP) -> dict:
+    """Adds `spans` to each predicted code of the infer.py JSON object `doc` and `sentence` (the span whose
+    hiding lowers that concept's answer most, or None) to each of its evidence concepts. Returns doc."""
+    t0 = time.perf_counter()
+    index = {c: j for j, c in enumerate(pipe.cs.codes)}
+    predicted = [c for c in doc["codes"] if c["predicted"]]
+    spans, concept_ids, cdrops, scores = attribute(pipe, text, result, [index[c["code"]] for c in predicted])
+    by_text = {pipe.cs.concepts[i].text: r for r, i in enumerate(concept_ids)}
+    for k, c in enumerate(predicted):
+        c["spans"] = ranked(text, spans, scores[k], top)
+        for ev in c["evidence"]:
+            r = by_text.get(ev["concept"])
+            best = ranked(text, spans, cdrops[r], 1) if r is not None else []
+            ev["sentence"] = best[0] if best else None
+    if "timing" in doc:
+        doc["timing"]["evidence_seconds"] = round(time.perf_counter() - t0, 3)
+    return doc

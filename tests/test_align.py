@@ -1,0 +1,49 @@
+"""Gale-Church alignment and CodiEsp-X offsets (cec.align)."""
+from cec.align import align, map_span, parse_offsets
+
+
+def test_equal_lengths_align_one_to_one():
+    assert align([40, 80, 25], [42, 77, 26]) == [([0], [0]), ([1], [1]), ([2], [2])]
+
+
+def test_a_source_sentence_split_in_two_is_a_one_to_two_group():
+    # the translation splits the second sentence (100 chars) into 55 + 50
+    got = align([60, 100, 30, 70], [58, 55, 50, 31, 69])
+    assert got == [([0], [0]), ([1], [1, 2]), ([2], [3]), ([3], [4])]
+    assert align([58, 55, 50, 31, 69], [60, 100, 30, 70]) == [([0], [0]), ([1, 2], [1]), ([3], [2]), ([4], [3])]
+
+
+def test_length_ratio_is_taken_from_the_documents():
+    # a target language 20% shorter throughout still aligns one to one
+    src = [100, 50, 120, 40, 90]
+    assert align(src, [round(0.8 * x) for x in src]) == [([i], [i]) for i in range(5)]
+
+
+def test_no_alignment_when_one_side_is_over_twice_the_other():
+    assert align([10, 10, 10, 10, 10], [50, 50]) is None
+    assert align([], []) == []
+
+
+def test_offsets_and_mapping_onto_target_sentences():
+    assert parse_offsets("307 316;348 361") == [(307, 316), (348, 361)]
+    assert parse_offsets("5 9") == [(5, 9)]
+    src_sents = [(0, 60), (61, 161), (162, 192)]
+    groups = [([0], [0]), ([1], [1, 2]), ([2], [3])]
+    assert map_span([(70, 80)], src_sents, groups) == [1, 2]  # inside a split sentence: both halves
+    assert map_span([(10, 20), (170, 175)], src_sents, groups) == [0, 3]  # discontinuous
+    assert map_span([(60, 61)], src_sents, groups) == []  # the space between sentences
+
+
+def test_codiesp_dev_gold_maps_onto_english_lines(shared_dir):
+    """Every dev note aligns; a sample mention lands on the English line that translates it."""
+    from cec.attribution import note_sentences
+    from cec.report import sentence_spans
+
+    dev = shared_dir / "data" / "codiesp" / "dev"
+    es = (dev / "text_files" / "S0004-06142005000900016-1.txt").read_text()
+    en = (dev / "text_files_en" / "S0004-06142005000900016-1.txt").read_text().strip()
+    ss, ens = sentence_spans(es, ".!?"), note_sentences(en)
+    groups = align([b - a for a, b in ss], [b - a for a, b in ens])
+    assert groups is not None
+    (j,) = map_span(parse_offsets("198 229"), ss, groups)  # 'infecciones del tracto urinario'
+    assert "urinary tract infections" in en[ens[j][0]:ens[j][1]]

@@ -1,0 +1,181 @@
+"""Hidden prefix ranges in shared-prefix scoring, and the sentence attribution built on them (cec.attribution)."""
+import json
+
+import pytest
+import torch
+
+from cec.attribution import (add_evidence, drops, explain, fitted_spans, note_sentences, token_ranges)
+from cec.cache import PrefixScorer, head_for, score_naive
+from hf_tiny import FAMILIES, hf_model, ours_from_hf
+
+TOL = 1e-4
+YES, NO = [7, 11], [13]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def rand_ids(seed, n):
+    return torch.randint(1, 300, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def ours(request):
+    return ours_from_hf(hf_model(request.param, seed=3))
+
+
+@pytest.mark.parametrize("prefix_len", [6, 29])  # 29 > sliding window 8: hidden keys inside and outside it
+def test_hidden_ranges_equal_a_full_forward_with_those_keys_masked(ours, prefix_len):
+    head = head_for(ours, YES, NO)
+    prefix = rand_ids(prefix_len, prefix_len)
+    questions = [[3, 4] + rand_ids(i, 1 + i % 5) for i in range(8)]  # a shared start, mixed lengths
+    hide = [None, (1, 3), (0, prefix_len), None, (prefix_len - 4, prefix_len), (2, 3), (1, prefix_len - 1), (5, 6)]
+    scorer = PrefixScorer(ours, head, batch_tokens=20, chunk=5)  # several batches, hidden and not mixed
+    got = scorer.score(prefix, questions, hide)
+    ref = score_naive(ours, head, prefix, questions, hide=hide)
+    assert (got - ref).abs().max().item() < TOL
+    plain = score_naive(ours, head, prefix, questions)
+    assert (got - plain).abs()[[1, 2, 4, 6]].max().item() > 10 * TOL  # the mask changes answers
+    assert (got - plain).abs()[[0, 3]].max().item() < TOL
+
+
+def test_without_hidden_ranges_scores_are_bit_identical(ours):
+    head = head_for(ours, YES, NO)
+    prefix, questions = rand_ids(1, 29), [[3, 4] + rand_ids(i, 3 + i) for i in range(5)]
+    scorer = PrefixScorer(ours, head, batch_tokens=20)
+    plain = scorer.score(prefix, questions)
+    assert scorer.stats.shared_question_tokens == 2
+    assert torch.equal(plain, scorer.score(prefix, questions, [None] * 5))
+    assert scorer.stats.shared_question_tokens == 2  # all None: the unhidden path, question prefix still shared
+
+
+def test_a_hidden_question_scores_the_same_alone_or_batched(ours):
+    head = head_for(ours, YES, NO)
+    prefix, questions = rand_ids(2, 20), [rand_ids(10 + i, 2 + i) for i in range(6)]
+    hide = [(i, i + 3) for i in range(6)]
+    alone = torch.cat([PrefixScorer(ours, head).score(prefix, [q], [h]) for q, h in zip(questions, hide)])
+    together = PrefixScorer(ours, head, batch_tokens=10_000).score(prefix, questions, hide)
+    assert (alone - together).abs().max().item() < TOL
+
+
+def test_drops_are_score_minus_score_with_the_range_hidden(ours):
+    head = head_for(ours, YES, NO)
+    prefix, questions = rand_ids(4, 24), [rand_ids(20 + i, 4) for i in range(3)]
+    ranges = [(1, 8), None, (8, 24)]
+    d = drops(PrefixScorer(ours, head), prefix, questions, ranges)
+    assert d.shape == (3, 3) and torch.equal(d[:, 1], torch.zeros(3))
+    for s in (0, 2):
+        ref = score_naive(ours, head, prefix, questions) - score_naive(ours, head, prefix, questions,
+                                                                      hide=[ranges[s]] * 3)
+        assert (d[:, s] - ref).abs().max().item() < TOL
+
+
+def test_sentences_are_lines_and_long_lines_are_cut():
+    text = "  Fever since monday; no cough.  \n\nBP 150/90.\n" + "He smokes. " * 40 + "\n---\n"
+    spans = note_sentences(text)
+    assert [text[a:b] for a, b in spans[:2]] == ["Fever since monday; no cough.", "BP 150/90."]
+    assert [text[a:b] for a, b in spans[2:]] == ["He smokes."] * 40  # a 440-character line, by sentence
+    assert note_sentences("") == [] and note_sentences("\n \n") == []
+
+
+def test_token_ranges_cover_each_sentence_and_touch():
+    from tiny_train import tiny_tokenizer
+
+    tok = tiny_tokenizer(600)
+    note = "patient has fever.\nchest pain and cough.\nrenal failure."
+    prefix = "### Note: " + note + "\n### Question"
+    spans = note_sentences(note)
+    ranges = token_ranges(tok, prefix, len("### Note: "), spans)
+    ids = tok.encode(prefix, add_bos=True)
+    for (a, b), (s, e) in zip(ranges, spans):
+        assert tok.decode(ids[a:b]).strip() == note[s:e]
+    assert all(r1[1] == r2[0] for r1, r2 in zip(ranges, ranges[1:]))
+
+
+def test_spans_cut_from_a_fitted_note_are_none():
+    text = "A one.\nB two.\nC three."
+    spans = note_sentences(text)
+    assert fitted_spans(text, text, spans) == spans
+    assert fitted_spans(text, "A one.\nC three.", spans) == [(0, 6), None, (7, 15)]
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    from tiny_train import save_tiny_model, tiny_concept_set
+
+    from cec.pipeline import CECPipeline
+
+    d = tmp_path_factory.mktemp("attr")
+    save_tiny_model(d / "model", vocab_size=600)
+    cs = tiny_concept_set()
+    cs.save(d / "concepts.json")
+    (d / "p").mkdir()
+    (d / "p" / "cec_pipeline.json").write_text(json.dumps(
+        {"base_model": str(d / "model"), "concept_set": str(d / "concepts.json"), "concept_threshold": 0.0}))
+    return CECPipeline.load(d / "p")
+
+
+NOTE = "Patient has fever and chills.\nHigh blood pressure on lisinopril.\nChronic kidney disease stage four."
+
+
+def test_code_scores_are_weighted_concept_drops_plus_the_code_question_drop(pipe):
+    from cec.attribution import attribute, code_question_drops, concept_drops, evidence_weights
+
+    result = pipe.code_note(NOTE)
+    spans = note_sentences(NOTE)
+    j = 2
+    w = evidence_weights(pipe, result, j)
+    own = set(pipe.cs.concept_ids(pipe.cs.codes[j]))
+    assert w and set(w) <= own and all(result.concept_probs[i] >= pipe.config.concept_threshold for i in w)
+    got = attribute(pipe, NOTE, result, [j])[3][0]
+    ids = list(w)
+    want = (torch.tensor([w[i] for i in ids]) @ concept_drops(pipe, NOTE, ids, spans)
+            + code_question_drops(pipe, NOTE, result, [j], spans)[0])
+    assert (got - want).abs().max().item() < TOL
+
+
+def test_concept_drops_equal_rescoring_with_the_sentence_masked(pipe):
+    from cec import prompts
+    from cec.attribution import concept_drops
+
+    spans = note_sentences(NOTE)
+    d = concept_drops(pipe, NOTE, [0, 5], spans)
+    prefix_text = prompts.concept_prefix(NOTE)
+    prefix = pipe.tokenizer.encode(prefix_text, add_bos=True)
+    ranges = token_ranges(pipe.tokenizer, prefix_text, len(prompts.CONCEPT_INSTRUCTION), spans)
+    sc = pipe.concept_scorer
+    qs = [pipe.concept_questions[0], pipe.concept_questions[5]]
+    base = score_naive(sc.model, sc.head, prefix, qs)
+    for s, r in enumerate(ranges):
+        assert (d[:, s] - (base - score_naive(sc.model, sc.head, prefix, qs, hide=[r, r]))).abs().max() < TOL
+
+
+def test_json_gets_spans_per_predicted_code_and_a_sentence_per_yes_concept(pipe):
+    from cec.attribution import evidence_weights
+
+    pipe.config.threshold = 0.0  # every code predicted
+    result = pipe.code_note(NOTE)
+    doc = result.to_json(NOTE, "icd9cm", 0.0)
+    add_evidence(doc, pipe, NOTE, result)
+    assert "evidence_seconds" in doc["timing"]
+    spans = explain(pipe, NOTE, result)
+    assert set(spans) == {c["code"] for c in doc["codes"]}
+    for c in doc["codes"]:
+        assert c["spans"] == spans[c["code"]] and len(c["spans"]) <= 3
+        scores = [s["score"] for s in c["spans"]]
+        assert scores == sorted(scores, reverse=True) and all(s > 0 for s in scores)
+        for s in c["spans"]:
+            assert NOTE[s["start"]:s["end"]] == s["text"] and s["text"] in NOTE.split("\n")
+        j = pipe.cs.codes.index(c["code"])
+        yes = {pipe.cs.concepts[i].text for i in evidence_weights(pipe, result, j)}
+        for ev in c["evidence"]:
+            assert "sentence" in ev
+            if ev["concept"] not in yes:
+                continue
+            if ev["sentence"] is not None:
+                assert NOTE[ev["sentence"]["start"]:ev["sentence"]["end"]] == ev["sentence"]["text"]
