@@ -200,7 +200,16 @@ def test_bad_inputs(inputs):
     with pytest.raises(DataError, match="expected one numeric hadm_id a line, got 'hadm_id'"):
         run(inputs, "--sets", "full")
     (inputs / "mimic" / "DIAGNOSES_ICD.csv").write_text("ROW_ID,HADM_ID,CODE\n1,100,4019\n")
-    with pytest.raises(DataError, match="missing column"):
+    with pytest.raises(DataError, match=r"missing column\(s\) SEQ_NUM, ICD9_CODE"):
+        run(inputs, "--sets", "50")
+    write_mimic(inputs / "mimic")
+    (inputs / "mimic" / "NOTEEVENTS.csv").write_bytes(b"")
+    with pytest.raises(DataError, match="NOTEEVENTS.csv: empty file, expected a CSV header"):
+        run(inputs, "--sets", "50")
+    write_mimic(inputs / "mimic")
+    with open(inputs / "mimic" / "PROCEDURES_ICD.csv", "a") as f:
+        f.write('9,1,100,3,"04X7"\n')
+    with pytest.raises(DataError, match=r"PROCEDURES_ICD.csv:6: not an ICD-9-CM code: '04X7'"):
         run(inputs, "--sets", "50")
 
 
