@@ -1,16 +1,19 @@
 """The HTML report of one coded note: the note text with the evidence of each predicted code highlighted.
 
-For every predicted code, each of its evidence concepts the concept model answered Yes to (P(yes) at or above
-the concept threshold) is located in the note as in the paper's App. D: the note is cut into sentences,
-overlapping windows of `window` sentences are ranked against the concept phrase with BM25 (rank_bm25), and the
-sentences of the best window that share a word with the phrase are highlighted in the code's colour. Hovering a
-highlight names the code and the concept; a legend lists the codes, their descriptions and probabilities and the
-evidence concepts with theirs.
+A code's evidence is model-grounded when the JSON object carries it (cec.attribution.add_evidence, infer.py
+--explain): each predicted code's `spans` (the sentences whose hiding lowers its answers most) are highlighted
+in the code's colour, and each Yes concept of the legend quotes the sentence that supports it best. Without
+`spans` the report falls back to lexical matching, labelled as such on the page: as in the paper's App. D, the
+note is cut into sentences, overlapping windows of `window` sentences are ranked against each Yes concept's
+phrase with BM25 (rank_bm25), and the sentences of the best window that share a word with it are highlighted.
+Hovering a highlight names the code and why; a legend lists the codes, their descriptions and probabilities
+and the evidence concepts with theirs.
 
 The page is one self-contained file: inline CSS, no script, no external URL, and a Content-Security-Policy that
 forbids both. Everything that comes from the note, the concept set or the model is HTML-escaped.
 
     doc = result.to_json(note_text, code_system, threshold)    # the infer.py JSON object
+    add_evidence(doc, pipeline, note_text, result)             # optional: model spans (cec.attribution)
     write_report("report.html", doc, concept_threshold=0.5)
 """
 from __future__ import annotations
@@ -104,8 +107,8 @@ def evidence_spans(text: str, phrases: list[str], window: int = 2) -> dict[str, 
     return found
 
 
-def _title(marks: list[tuple[int, str, str, float]], descriptions: dict[str, str]) -> str:
-    return "\n".join(f"{code} {descriptions[code]}: concept '{concept}' (P={p:.2f})" for _, code, concept, p in marks)
+def _title(marks: list[tuple[int, str, str]], descriptions: dict[str, str]) -> str:
+    return "\n".join(f"{code} {descriptions[code]}: {why}" for _, code, why in marks)
 
 
 def _background(idxs: list[int]) -> str:
@@ -115,28 +118,35 @@ def _background(idxs: list[int]) -> str:
     return f"repeating-linear-gradient(135deg, {stops})"
 
 
-def highlight_note(text: str, marks: list[tuple[int, int, int, str, str, float]], descriptions: dict[str, str]) -> str:
-    """The escaped note with <mark> elements; marks are (start, end, code index, code, concept, P(yes)).
+def highlight_note(text: str, marks: list[tuple[int, int, int, str, str]], descriptions: dict[str, str]) -> str:
+    """The escaped note with <mark> elements; marks are (start, end, code index, code, why it is marked).
     Overlapping marks split the text at every boundary; a piece under several codes gets their colours in
-    stripes and a title naming each (code, concept)."""
+    stripes and a title naming each (code, why)."""
     cuts = sorted({0, len(text)} | {m[0] for m in marks} | {m[1] for m in marks})
     out = []
     for a, b in zip(cuts, cuts[1:]):
         piece = html.escape(text[a:b])
-        active = [(k, code, concept, p) for s, e, k, code, concept, p in marks if s <= a and e >= b]
+        active = [(k, code, why) for s, e, k, code, why in marks if s <= a and e >= b]
         if not active:
             out.append(piece)
             continue
-        starting = list(dict.fromkeys((k, code) for s, _, k, code, _, _ in marks if s == a))
+        starting = list(dict.fromkeys((k, code) for s, _, k, code, _ in marks if s == a))
         badges = "".join(f'<span class="badge" style="border-color:{colour(k)}">{html.escape(code)}</span>'
                          for k, code in starting[:MAX_BADGES])
         if len(starting) > MAX_BADGES:
             more = html.escape(" ".join(code for _, code in starting[MAX_BADGES:]), quote=True)
             badges += f'<span class="badge" title="{more}">+{len(starting) - MAX_BADGES}</span>'
-        idxs = list(dict.fromkeys(k for k, _, _, _ in active))
+        idxs = list(dict.fromkeys(k for k, _, _ in active))
         out.append(f'{badges}<mark style="background:{_background(idxs)}" '
                    f'title="{html.escape(_title(active, descriptions), quote=True)}">{piece}</mark>')
     return "".join(out)
+
+
+def _quote(sentence: dict | None, width: int = 90) -> str:
+    if not sentence:
+        return ""
+    t = sentence["text"] if len(sentence["text"]) <= width else sentence["text"][: width - 1] + "\u2026"
+    return f' <span class="q">&ldquo;{html.escape(t)}&rdquo;</span>'
 
 
 CSS = """
@@ -163,6 +173,8 @@ mark { color: inherit; border-radius: 3px; padding: 1px 0; box-decoration-break:
 .code li .p { font-variant-numeric: tabular-nums; color: #37414b; }
 .code li.off { color: #8a939c; list-style: none; margin-left: -18px; font-size: 12px; }
 .code li .nf { color: #a0522d; font-style: italic; }
+.code li .q { color: #5a6470; font-style: italic; }
+.lexical { color: #a0522d; font-size: 12px; margin: 0 0 10px; }
 .none { color: #5a6470; font-style: italic; }
 details { margin-top: 20px; }
 summary { cursor: pointer; font-weight: 600; color: #37414b; }
@@ -182,17 +194,25 @@ def render_report(doc: dict, *, concept_threshold: float = 0.5, note_id: str | N
     descriptions = {c["code"]: c["description"] for c in codes}
     positives = {c["code"]: [ev for ev in c["evidence"] if ev["probability"] >= concept_threshold]
                  for c in predicted}
-    phrases = list(dict.fromkeys(ev["concept"] for evs in positives.values() for ev in evs))
-    spans = evidence_spans(text, phrases, window)
+    lexical = [c for c in predicted if "spans" not in c]  # no model evidence in the JSON: BM25 fallback
+    phrases = list(dict.fromkeys(ev["concept"] for c in lexical for ev in positives[c["code"]]))
+    found = evidence_spans(text, phrases, window) if phrases else {}
 
     marks, legend = [], []
     for k, c in enumerate(predicted):
         items = []
+        for s in c.get("spans", []):
+            marks.append((s["start"], s["end"], k, c["code"], f"model evidence, score {s['score']:.2f}"))
         for ev in positives[c["code"]]:
-            for a, b in spans[ev["concept"]]:
-                marks.append((a, b, k, c["code"], ev["concept"], ev["probability"]))
-            nf = "" if spans[ev["concept"]] else ' <span class="nf">(no matching sentence)</span>'
-            items.append(f'<li>{e(ev["concept"])} <span class="p">{ev["probability"]:.2f}</span>{nf}</li>')
+            p = f'<span class="p">{ev["probability"]:.2f}</span>'
+            if "spans" in c:
+                items.append(f'<li>{e(ev["concept"])} {p}{_quote(ev.get("sentence"))}</li>')
+                continue
+            for a, b in found[ev["concept"]]:
+                marks.append((a, b, k, c["code"], f"lexical match (BM25) of concept '{ev['concept']}' "
+                                                  f"(P={ev['probability']:.2f})"))
+            nf = "" if found[ev["concept"]] else ' <span class="nf">(no matching sentence)</span>'
+            items.append(f'<li>{e(ev["concept"])} {p}{nf}</li>')
         negatives = [f'{e(ev["concept"])} <span class="p">{ev["probability"]:.2f}</span>'
                      for ev in c["evidence"] if ev["probability"] < concept_threshold]
         if negatives:  # shown to the code model as answered No
@@ -200,6 +220,10 @@ def render_report(doc: dict, *, concept_threshold: float = 0.5, note_id: str | N
         head = f'<span class="name">{e(c["code"])} <span class="desc">{e(c["description"])}</span></span>'
         legend.append(f'<div class="code" style="border-color:{colour(k)}"><div class="head">{head}'
                       f'<span class="prob">{c["probability"]:.2f}</span></div><ul>{"".join(items)}</ul></div>')
+    if lexical:
+        which = "" if len(lexical) == len(predicted) else " of " + ", ".join(e(c["code"]) for c in lexical)
+        legend.insert(0, f'<p class="lexical">Highlights{which}: lexical matching (BM25) of the Yes concepts, '
+                         'not model evidence.</p>')
     if not legend:
         legend.append(f'<p class="none">No code reached the threshold {doc["threshold"]:g}.</p>')
 

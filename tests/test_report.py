@@ -65,14 +65,49 @@ def test_predicted_codes_highlight_their_positive_concepts_only():
     page = render_report(doc(), concept_threshold=0.5)
     got = marks(page)
     assert [t for _, t in got] == ["Blood pressure 172/98 mmHg on arrival;", "He smokes ten cigarettes a day."]
-    assert "I10" in got[0][0] and "high blood pressure" in got[0][0]
+    assert "I10" in got[0][0] and "high blood pressure" in got[0][0] and "lexical match (BM25)" in got[0][0]
     assert "F17.210" in got[1][0] and "cigarette smoking" in got[1][0]
+    assert '<p class="lexical">Highlights: lexical matching (BM25)' in page  # the fallback says what it is
     # below the concept threshold: listed, not highlighted; a code under the threshold: no legend entry
     assert re.search(r'<li class="off">answered No: antihypertensive medication <span class="p">0.30</span></li>', page)
     assert "antihypertensive medication" not in "".join(t for t, _ in got)
     assert "description of D64.9" not in page.split("<details>")[0]
     assert "low hemoglobin" not in page
     assert page.count('class="code"') == 2
+
+
+def with_spans(c, *sentences):
+    """The code with model spans (cec.attribution.add_evidence) on these sentences of NOTE, best first."""
+    c["spans"] = [{"start": NOTE.index(t), "end": NOTE.index(t) + len(t), "text": t, "score": 2.0 - i}
+                  for i, t in enumerate(sentences)]
+    for ev in c["evidence"]:
+        ev["sentence"] = c["spans"][0] if ev["probability"] >= 0.5 else None
+    return c
+
+
+def test_model_spans_are_highlighted_per_code_instead_of_lexical_matches():
+    codes = [with_spans(code("I10", 0.9, [("high blood pressure", 0.95), ("antihypertensive medication", 0.3)]),
+                        "he takes enalapril.", "Blood pressure 172/98 mmHg on arrival;"),
+             with_spans(code("F17.210", 0.8, [("cigarette smoking", 0.9)]), "He smokes ten cigarettes a day."),
+             code("D64.9", 0.2, [("low hemoglobin", 0.9)])]
+    page = render_report(doc(codes=codes))
+    got = marks(page)
+    assert [t for _, t in got] == ["Blood pressure 172/98 mmHg on arrival;", "he takes enalapril.",
+                                   "He smokes ten cigarettes a day."]  # the spans, not BM25's single match
+    assert "I10" in got[1][0] and "model evidence, score 2.00" in got[1][0] and "F17.210" not in got[1][0]
+    assert "F17.210" in got[2][0] and "lexical" not in page.split("<details>")[0].split("</style>")[1]
+    # each Yes concept quotes its sentence
+    assert "high blood pressure <span class=\"p\">0.95</span> <span class=\"q\">&ldquo;he takes enalapril.&rdquo;" in page
+
+
+def test_a_code_without_spans_falls_back_to_lexical_and_says_so():
+    codes = [with_spans(code("I10", 0.9, [("high blood pressure", 0.95)]), "he takes enalapril."),
+             code("F17.210", 0.8, [("cigarette smoking", 0.9)])]
+    page = render_report(doc(codes=codes))
+    got = dict((t, title) for title, t in marks(page))
+    assert "model evidence" in got["he takes enalapril."]
+    assert "lexical match (BM25) of concept &#x27;cigarette smoking&#x27;" in got["He smokes ten cigarettes a day."]
+    assert '<p class="lexical">Highlights of F17.210: lexical matching (BM25)' in page
 
 
 def test_overlapping_codes_share_a_striped_highlight():
