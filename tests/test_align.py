@@ -47,3 +47,30 @@ def test_codiesp_dev_gold_maps_onto_english_lines(shared_dir):
     assert groups is not None
     (j,) = map_span(parse_offsets("198 229"), ss, groups)  # 'infecciones del tracto urinario'
     assert "urinary tract infections" in en[ens[j][0]:ens[j][1]]
+
+
+def load_eval():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "evidence_eval.py"
+    spec = importlib.util.spec_from_file_location("evidence_eval", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_random_ranking_hit_rate_is_exact():
+    ev = load_eval()
+    assert abs(ev.random_hit(10, 1, 1) - 0.1) < 1e-12 and abs(ev.random_hit(10, 1, 3) - 0.3) < 1e-12
+    assert abs(ev.random_hit(10, 2, 3) - (1 - 56 / 120)) < 1e-12 and ev.random_hit(3, 1, 3) == 1.0
+
+
+def test_bm25_ranks_by_the_code_words_ties_in_note_order():
+    ev = load_eval()
+    text = "No fever.\nBlood pressure 180/100 on arrival.\nHe smokes.\nHypertension treated with enalapril."
+    from cec.attribution import note_sentences
+
+    spans = note_sentences(text)
+    assert set(ev.bm25_order(text, spans, "Essential (primary) hypertension high blood pressure")[:2]) == {1, 3}
+    assert ev.bm25_order(text, spans, "of the") == [0, 1, 2, 3]  # no content word: note order

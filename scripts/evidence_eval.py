@@ -1,0 +1,201 @@
+"""Evidence a coder can check: model sentence attribution (cec.attribution) against CodiEsp-X gold, as JSON.
+
+    python scripts/evidence_eval.py --src ../shared/data/codiesp --dev runs/codiesp/dev.jsonl --max-notes 20
+
+1. Gold: each Spanish note is cut into sentences, aligned to its English lines (cec.align, Gale-Church 1-1/1-2/2-1)
+   and each CodiEsp-X mention of a CodiEsp-D50 code mapped to the English line(s) of its span. On all dev notes.
+2. Ranking: for every gold (note, code) of CodiEsp-D50 in the first --max-notes notes with one, the note's
+   sentences are ranked for the code, whether or not it was predicted: by our attribution, by BM25 (today's
+   report: cec.report's tokens, the code description and its Yes concepts as the query, ties in note order), by
+   a random ranking (its expected hit@k, exactly) and by note order. hit@k: a gold sentence in the top k.
+3. Faithfulness: for the note's most probable predicted code, the note is coded again (stage 1 whole, stage 2 for
+   that code) without its top sentence and without a random sentence; the drops of P(code) and of its logit.
+4. Time: code_note against code_note + the attribution of its predicted codes (add_evidence's work), per note.
+"""
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import torch
+
+from cec.align import align, map_span, parse_offsets
+from cec.attribution import attribute, evidence_weights, note_sentences
+from cec.data import read_codes
+from cec.io import atomic_write_json
+from cec.report import sentence_spans, tokens
+
+
+def load_gold(src: Path, notes: list[dict], codes: list[str], show: int = 0) -> tuple[dict, dict]:
+    """({(note id, code): set of English sentence indices}, alignment figures)."""
+    dev = src / "dev"
+    code_set = set(codes)
+    groups, kinds, same = {}, Counter(), 0
+    for n in notes:
+        es = (dev / "text_files" / f"{n['id']}.txt").read_text(encoding="utf-8")
+        ss, en = sentence_spans(es, ".!?"), note_sentences(n["text"])
+        same += len(ss) == len(en)
+        g = align([b - a for a, b in ss], [b - a for a, b in en])
+        groups[n["id"]] = (es, ss, g)
+        kinds.update(f"{len(a)}-{len(b)}" for a, b in g or [])
+    gold, mentions, mapped, sample = defaultdict(set), 0, 0, []
+    for line in (dev / "devX.tsv").read_text(encoding="utf-8").splitlines():
+        nid, kind, code, text, offsets = line.split("\t")
+        if kind != "DIAGNOSTICO" or code.upper() not in code_set or nid not in groups:
+            continue
+        mentions += 1
+        es, ss, g = groups[nid]
+        lines = map_span(parse_offsets(offsets), ss, g) if g else []
+        mapped += bool(lines)
+        gold[(nid, code.upper())] |= set(lines)
+        sample.append((nid, code.upper(), text, lines))
+    by_id = {n["id"]: n for n in notes}
+    for nid, code, text, lines in random.Random(0).sample(sample, min(show, len(sample))):
+        en = note_sentences(by_id[nid]["text"])
+        print(f"[eye] {nid} {code} {text!r} -> {[by_id[nid]['text'][slice(*en[j])] for j in lines]}", file=sys.stderr)
+    pairs = {(n["id"], c) for n in notes for c in n["labels"]}
+    covered = {p for p in pairs if gold.get(p)}
+    figures = {"notes": len(notes), "notes_same_sentence_count": same,
+               "notes_aligned": sum(g is not None for _, _, g in groups.values()), "groups": dict(kinds),
+               "d50_mentions": mentions, "d50_mentions_mapped": mapped, "gold_pairs": len(pairs),
+               "gold_pairs_with_sentence": len(covered),
+               "gold_notes_with_sentence": len({nid for nid, _ in covered})}
+    return {p: gold[p] for p in covered}, figures
+
+
+def bm25_order(text: str, spans, query: str) -> list[int]:
+    from rank_bm25 import BM25Okapi
+
+    docs = [tokens(text[a:b]) for a, b in spans]
+    q = tokens(query)
+    if not q or not any(docs):
+        return list(range(len(spans)))
+    scores = BM25Okapi([d or ["\0"] for d in docs]).get_scores(q)
+    return sorted(range(len(spans)), key=lambda s: -scores[s])  # stable: ties in note order
+
+
+def random_hit(n: int, g: int, k: int) -> float:
+    """P(at least one of g gold sentences among k of n drawn at random)."""
+    return 1 - math.comb(n - g, k) / math.comb(n, k) if k < n else 1.0
+
+
+def recode_score(pipe, text: str, j: int, note_id: str, concept_p=None) -> float:
+    """The logit of P(code j) for `text`, coded as code_note codes it (stage 1 whole unless concept_p is given,
+    stage 2 for code j only)."""
+    from cec import prompts
+    from cec.pipeline import shown_concepts
+
+    text = pipe.fit_note(text)
+    if concept_p is None:
+        prefix = pipe.tokenizer.encode(prompts.concept_prefix(text), add_bos=True)
+        concept_p = torch.sigmoid(pipe.concept_scorer.score(prefix, pipe.concept_questions))
+    q = pipe.label_question_ids(concept_p, shown_concepts(pipe.config, pipe.cs, concept_p, note_id))[j]
+    prefix = pipe.tokenizer.encode(prompts.label_prefix(text, pipe.layout), add_bos=True)
+    return float(pipe.label_scorer.score(prefix, [q])[0])
+
+
+def without(text: str, span) -> str:
+    return (text[: span[0]] + text[span[1]:]).replace("\n\n", "\n").strip()
+
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def summarise(out, n_notes, n_pairs, hits, by_pred, faith, times, args) -> None:
+    mean = lambda xs: round(sum(xs) / len(xs), 4) if xs else None  # noqa: E731
+    out["ranking"] = {"notes": n_notes, "gold_pairs": n_pairs,
+                      **{m: {"hit@1": round(h[0] / n_pairs, 4), "hit@3": round(h[1] / n_pairs, 4)}
+                         for m, h in hits.items()},
+                      **{f"ours_hit@3_{'predicted' if k else 'not_predicted'}":
+                         {"pairs": v[0], "hit@3": round(v[1] / v[0], 4) if v[0] else None}
+                         for k, v in sorted(by_pred.items())}}
+    out["faithfulness"] = {"codes": len(faith), "prob_drop_top": mean([f[0] for f in faith]),
+                           "prob_drop_random": mean([f[1] for f in faith]),
+                           "logit_drop_top": mean([f[2] for f in faith]),
+                           "logit_drop_random": mean([f[3] for f in faith])}
+    code_s, ev_s = sum(t[0] for t in times), sum(t[1] for t in times)
+    out["time"] = {"notes": len(times), "code_seconds_per_note": mean([t[0] for t in times]),
+                   "evidence_seconds_per_note": mean([t[1] for t in times]),
+                   "ratio_with_evidence": round((code_s + ev_s) / code_s, 3) if code_s else None,
+                   "threads": args.threads}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--src", type=Path, default=Path("../shared/data/codiesp"))
+    ap.add_argument("--dev", type=Path, default=Path("runs/codiesp/dev.jsonl"))
+    ap.add_argument("--pipeline", help="pipeline folder (default: the shipped one)")
+    ap.add_argument("--max-notes", type=int, default=20, help="notes with a gold D50 code to run the model on")
+    ap.add_argument("--no-faithfulness", action="store_true", help="skip the deletion test (two codings a note)")
+    ap.add_argument("--show", type=int, default=0, help="print this many mapped gold mentions to stderr")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, help="also write the JSON here, updated after every note")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    notes = [json.loads(line) for line in args.dev.read_text(encoding="utf-8").splitlines() if line.strip()]
+    from cec.pipeline import CECPipeline
+
+    pipe = CECPipeline.load(args.pipeline)
+    codes = list(pipe.cs.codes)
+    assert set(read_codes(args.src / "codiesp50_codes.tsv")) == set(codes), "pipeline is not CodiEsp-D50"
+    gold, out = load_gold(args.src, notes, codes, args.show)
+    out = {"alignment": out}
+    rng = random.Random(args.seed)
+    hits = defaultdict(lambda: [0.0, 0.0])  # method -> [hit@1, hit@3] sums
+    by_pred = defaultdict(lambda: [0, 0.0])  # predicted?: [pairs, our hit@3]
+    n_pairs, times, faith = 0, [], []
+    run = [n for n in notes if any((n["id"], c) in gold for c in n["labels"])][: args.max_notes]
+    for n in run:
+        text, nid = n["text"], n["id"]
+        t0 = time.perf_counter()
+        result = pipe.code_note(text, nid)
+        t1 = time.perf_counter()
+        spans = note_sentences(text)
+        predicted = [codes.index(c["code"]) for c in result.codes if c["predicted"]]
+        pred_scores = attribute(pipe, text, result, predicted, spans)[3]  # add_evidence's work, less the JSON
+        t2 = time.perf_counter()
+        times.append((t1 - t0, t2 - t1))
+        want = [c for c in n["labels"] if (nid, c) in gold]
+        idx = [codes.index(c) for c in want]
+        rest = [j for j in idx if j not in predicted]  # gold codes not predicted: ranked all the same
+        rest_scores = attribute(pipe, text, result, rest, spans)[3] if rest else None
+        scores = torch.stack([pred_scores[predicted.index(j)] if j in predicted else rest_scores[rest.index(j)]
+                              for j in idx]) if idx else None
+        for k, (c, j) in enumerate(zip(want, idx)):
+            g = gold[(nid, c)]
+            words = [pipe.cs.descriptions[c]] + [pipe.cs.concepts[i].text for i in evidence_weights(pipe, result, j)]
+            orders = {"ours": torch.argsort(scores[k], descending=True, stable=True).tolist(),
+                      "bm25": bm25_order(text, spans, " ".join(words)), "first": list(range(len(spans)))}
+            for m, order in orders.items():
+                hits[m][0] += order[0] in g
+                hits[m][1] += bool(g & set(order[:3]))
+            hits["random"][0] += random_hit(len(spans), len(g), 1)
+            hits["random"][1] += random_hit(len(spans), len(g), 3)
+            by_pred[j in predicted][0] += 1
+            by_pred[j in predicted][1] += bool(g & set(orders["ours"][:3]))
+            n_pairs += 1
+        if predicted and not args.no_faithfulness and len(spans) > 1:
+            top = 0  # result.codes is sorted by probability: the most probable predicted code
+            j = predicted[top]
+            x = recode_score(pipe, text, j, nid, result.concept_probs)
+            best = spans[int(torch.argmax(pred_scores[top]))]
+            other = spans[rng.randrange(len(spans))]  # uniform over the note's sentences
+            x_top, x_rand = (recode_score(pipe, without(text, s), j, nid) for s in (best, other))
+            faith.append((sigmoid(x) - sigmoid(x_top), sigmoid(x) - sigmoid(x_rand), x - x_top, x - x_rand))
+        print(f"[eval] {nid}: {len(want)} gold codes, {len(predicted)} predicted, code {t1 - t0:.1f} s, "
+              f"evidence {t2 - t1:.1f} s", file=sys.stderr)
+        summarise(out, len(times), n_pairs, hits, by_pred, faith, times, args)
+        if args.out:  # after every note, so a long run that is stopped still leaves its figures
+            atomic_write_json(args.out, out)
+    print(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()
