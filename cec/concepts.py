@@ -46,7 +46,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from cec.errors import CECError, DataError
+from cec.errors import CECError, DataError, json_error_text
 from cec.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -213,7 +213,7 @@ def load_concept_set(name_or_path: str | Path) -> ConceptSet:
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read concept set {path}: {e}") from None
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+        raise DataError(f"{path}: invalid JSON ({json_error_text(e)})") from None
     return ConceptSet.from_dict(d, where=str(path))
 
 
@@ -630,7 +630,7 @@ def _read_json(path: Path):
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read {path}: {e}") from None
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+        raise DataError(f"{path}: invalid JSON ({json_error_text(e)})") from None
 
 
 def read_candidates(path: str | Path) -> dict:

@@ -15,7 +15,7 @@ import json
 import logging
 from pathlib import Path
 
-from cec.errors import DataError
+from cec.errors import DataError, json_error_text
 from cec.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def parse_json_line(line: str, where: str):
     try:
         return json.loads(line)
     except json.JSONDecodeError as e:
-        raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        raise DataError(f"{where}: invalid JSON ({json_error_text(e, 'column')})") from None
     except (ValueError, RecursionError) as e:
         raise DataError(f"{where}: invalid JSON ({type(e).__name__}: {str(e)[:100]})") from None
 

@@ -23,3 +23,9 @@ class DataError(CECError):
 
 class AdapterError(CECError):
     """LoRA adapters that are missing, corrupt, or made for another base model or concept set."""
+
+
+def json_error_text(e, unit: str = "line") -> str:
+    """A JSONDecodeError as "msg at line N" ("Unterminated string starting at line N", not "... at at ...")."""
+    where = f"{unit} {e.lineno if unit == 'line' else e.colno}"
+    return f"{e.msg} {where}" if e.msg.endswith(" at") else f"{e.msg} at {where}"

@@ -18,9 +18,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode a plain open() would
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename in (tmp, None) and e.errno is not None:
+            raise OSError(e.errno, e.strerror, str(path)) from None  # name the user's file, not our temp file
         raise
 
 
@@ -53,4 +55,18 @@ def prepare_output(path: str | Path) -> Path:
         raise DataError(f"cannot write {path}: {e.filename}: {e.strerror}") from None
     if not os.access(path.parent, os.W_OK):
         raise DataError(f"cannot write {path}: its folder is not writable")
+    try:  # what access() misses: a read-only file system, or root on a folder it may not write
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise DataError(f"cannot write {path}: {e.strerror}") from None
     return path
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file (links and relative paths resolved); False when either is missing."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(a).resolve() == Path(b).resolve()

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from cec.config import ModelConfig
-from cec.errors import ConfigError, WeightsError
+from cec.errors import ConfigError, WeightsError, json_error_text
 from cec.io import atomic_write_json
 from cec.tokenizer import Tokenizer
 
@@ -194,7 +194,7 @@ def read_model_config(path: Path) -> ModelConfig:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not valid UTF-8 (byte {e.start}); is it a config.json?") from None
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+        raise ConfigError(f"{path}: invalid JSON ({json_error_text(e)})") from None
     if not isinstance(hf, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(hf).__name__}")
     return ModelConfig.from_hf(hf)
@@ -428,9 +428,21 @@ def _unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def check_gguf_magic(path: Path) -> None:
+    """Refuse a file that does not start with the GGUF magic before gguf's reader gives a numpy error about it."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise WeightsError(f"cannot read GGUF file {path}: {e.strerror}") from None
+    if head != b"GGUF":
+        raise WeightsError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)")
+
+
 def convert_gguf_cached(path: Path) -> Path:
     """The cache folder of a GGUF file, converting it on first use. Keyed by path, size and mtime."""
     path = path.resolve()
+    check_gguf_magic(path)
     st = path.stat()
     ident = f"{path}:{st.st_size}:{st.st_mtime_ns}"
     out = cache_root() / f"{path.stem}-{hashlib.sha1(ident.encode()).hexdigest()[:12]}"
@@ -457,6 +469,7 @@ def convert_gguf(gguf_path: str | Path, out: Path, source: str = "") -> Path:
     from cec.io import atomic_write_text
 
     gguf_path = Path(gguf_path)
+    check_gguf_magic(gguf_path)
     t0 = time.perf_counter()
     log(f"converting {gguf_path.name} (first use; cached in {out})")
     try:

@@ -158,6 +158,22 @@ def _(k, tmp, request):
         r"cannot read GGUF file .*m\.gguf"
 
 
+@case("infer-model-not-gguf")
+def _(k, tmp, request):
+    """A text file named .gguf: one line saying so, not gguf's numpy error (issue 16, bug 5)."""
+    (tmp / "m.gguf").write_bytes(b"ab")
+    return "infer.py", ["--pipeline", k.pipe, "--note", k.note, "--model", tmp / "m.gguf"], \
+        r"m\.gguf: not a GGUF file \(it does not start with the GGUF magic bytes\)$"
+
+
+@case("infer-notes-unterminated-string")
+def _(k, tmp, request):
+    """'Unterminated string starting at column 21', not '... at at column 21' (issue 16, bug 5)."""
+    (tmp / "notes.jsonl").write_text('{"id": "a", "text": "fever')
+    return "infer.py", ["--pipeline", k.pipe, "--notes", tmp / "notes.jsonl", "--out", tmp / "o.jsonl"], \
+        r"notes\.jsonl:1: invalid JSON \(Unterminated string starting at column 21\)$"
+
+
 @case("infer-model-config-not-json")
 def _(k, tmp, request):
     shutil.copytree(k.model, tmp / "model")
