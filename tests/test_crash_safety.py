@@ -310,8 +310,8 @@ RAW_WRITES = {
     ("cec/trainer.py", "_write_log"): "append-only JSONL; a line torn by a crash is dropped on resume",
     ("cec/weights.py", "_write_safetensors"): "inside the temporary folder convert_gguf renames whole",
     ("cec/evaluation.py", "put"): "append-only score cache; a torn last line is skipped when read",
-    ("infer.py", "__init__"): "LineWriter: one os.write per line, fsync; completed_ids cuts a torn last line",
-    ("infer.py", "completed_ids"): "truncates a torn last line in place",
+    ("cec/commands/infer.py", "__init__"): "LineWriter: one os.write per line, fsync; completed_ids cuts a torn last line",
+    ("cec/commands/infer.py", "completed_ids"): "truncates a torn last line of its own format in place",
 }
 
 
@@ -344,7 +344,7 @@ def raw_writes(path: Path) -> list[tuple[str, int, str]]:
 
 
 def test_every_raw_file_write_is_known_to_be_crash_safe():
-    sources = [*sorted((ROOT / "cec").glob("*.py")), ROOT / "infer.py", ROOT / "train.py",
+    sources = [*sorted((ROOT / "cec").rglob("*.py")), ROOT / "infer.py", ROOT / "train.py",
                *sorted((ROOT / "scripts").glob("*.py")), *sorted((ROOT / "kernels").glob("*.py"))]
     unknown = []
     for path in sources:

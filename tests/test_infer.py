@@ -1,6 +1,5 @@
 """infer.py end to end on a tiny random Gemma 3 with a tiny concept set: output formats, stdin, HTML, batch mode
 with resume and rank shards, and bad input (run as a subprocess: one line on stderr, exit 2, no traceback)."""
-import importlib.util
 import io
 import json
 import os
@@ -16,10 +15,9 @@ import pytest
 
 from cec.errors import DataError
 
+from cec.commands import infer  # infer.py's body; infer.py itself runs as a subprocess below
+
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("infer", ROOT / "infer.py")
-infer = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(infer)
 
 NOTE = "Patient has fever and chills. High blood pressure on lisinopril.\nChronic kidney disease stage four.\n"
 CONTRACT_KEYS = {"note", "code_system", "threshold", "codes", "timing"}
@@ -290,21 +288,180 @@ def test_rank0_waits_for_the_other_ranks_marker(tmp_path):
     assert [ln["id"] for ln in read_lines(out)] == ["n0", "n1", "n2"]
 
 
+def pred(note_id: str) -> bytes:
+    """A whole prediction line as infer.py writes it (id first)."""
+    return json.dumps({"id": note_id, "code_system": "icd9cm", "threshold": 0.5, "codes": [],
+                       "timing": {}}).encode() + b"\n"
+
+
 def test_completed_ids_cuts_only_a_partial_last_line(tmp_path):
     known = {"a", "b", "c"}
     path = tmp_path / "p.jsonl"
-    path.write_bytes(b'{"id": "a"}\n{"id": "b"}\n{"id": "c", "co')
+    path.write_bytes(pred("a") + pred("b") + b'{"id": "c", "co')
     assert infer.completed_ids(path, known) == {"a", "b"}
-    assert path.read_bytes() == b'{"id": "a"}\n{"id": "b"}\n'
-    path.write_bytes(b'{"id": "a"}\n{"id": "b", "codes": [\n')  # the newline landed, the JSON did not
+    assert path.read_bytes() == pred("a") + pred("b")
+    path.write_bytes(pred("a") + b'{"id": "b", "codes": [\n')  # the newline landed, the JSON did not
     assert infer.completed_ids(path, known) == {"a"}
-    assert path.read_bytes() == b'{"id": "a"}\n'
-    path.write_bytes(b'{"id": "a"}\ngarbage\n{"id": "b"}\n')
+    assert path.read_bytes() == pred("a")
+    path.write_bytes(pred("a") + pred("b")[:-1])  # whole but for its newline: coded again
+    assert infer.completed_ids(path, known) == {"a"}
+    assert path.read_bytes() == pred("a")
+    path.write_bytes(pred("a") + b"garbage\n" + pred("b"))
     with pytest.raises(DataError, match=r"p.jsonl:2: not a prediction line"):
         infer.completed_ids(path, known)
-    path.write_bytes(b'{"id": "a"}\n{"id": "zz"}\n')
+    path.write_bytes(pred("a") + pred("zz"))
     with pytest.raises(DataError, match=r"p.jsonl:2: note 'zz' is not in the input"):
         infer.completed_ids(path, known)
+    path.write_bytes(b"")
+    assert infer.completed_ids(path, known) == set()
+
+
+def fails(capsys, *args) -> str:
+    """infer.main in-process on bad input: exit status 2 and the one line it printed."""
+    with pytest.raises(SystemExit) as e:
+        infer.main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err.strip()
+
+
+NOT_OURS = {  # issue 16, bugs 1 and 2: none of these is an earlier run's output
+    "one_line": b"keep this line\n",
+    "two_lines": b"first line\nsecond line\n",
+    "no_final_newline": b"a note to self, no newline",
+    "ids_only": b'{"id": "n0"}\n{"id": "n1"}\n',
+    "notes": b'{"id": "n0", "text": "fever"}\n',
+    "blank_lines": b"\n\n",
+}
+
+
+@pytest.mark.parametrize("case", NOT_OURS)
+def test_an_out_that_is_not_an_earlier_output_is_refused_and_left_as_it_is(batch, tiny, tmp_path, capsys,
+                                                                           monkeypatch, case):
+    out = tmp_path / "keep.txt"
+    out.write_bytes(NOT_OURS[case])
+    monkeypatch.setattr(infer, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model"))
+    err = fails(capsys, "--pipeline", tiny / "plain", "--notes", batch[0], "--out", out)
+    assert re.match(r"infer\.py: error: .*keep\.txt:1: not a prediction line of infer\.py", err), err
+    assert out.read_bytes() == NOT_OURS[case]
+
+
+def test_out_equal_to_notes_is_refused(batch, tiny, tmp_path, capsys):
+    notes = tmp_path / "notes.jsonl"
+    notes.write_bytes(batch[0].read_bytes())
+    before = notes.read_bytes()
+    for out in (notes, tmp_path / "." / "notes.jsonl"):
+        err = fails(capsys, "--pipeline", tiny / "plain", "--notes", notes, "--out", out)
+        assert "is the notes file itself" in err, err
+    (tmp_path / "link.jsonl").symlink_to(notes)
+    assert "is the notes file itself" in fails(capsys, "--pipeline", tiny / "plain", "--notes", notes, "--out",
+                                               tmp_path / "link.jsonl")
+    assert notes.read_bytes() == before
+
+
+def unwritable_folder(tmp_path) -> Path:
+    """A folder this process cannot create files in: a read-only one, or /sys for root (which ignores modes)."""
+    if os.geteuid() == 0:
+        return Path("/sys")
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return folder
+
+
+def test_html_outputs_are_checked_before_the_model_loads(tiny, tmp_path, capsys, monkeypatch):
+    note = write_note(tmp_path)
+    monkeypatch.setattr(infer, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model"))
+    target = unwritable_folder(tmp_path) / "r.html"
+    err = fails(capsys, "--pipeline", tiny / "plain", "--note", note, "--html", target)
+    assert f"cannot write {target}" in err and ".tmp" not in err, err
+    assert "is the note itself" in fails(capsys, "--pipeline", tiny / "plain", "--note", note, "--html", note)
+    mine = tmp_path / "mine.html"
+    mine.write_text("<html><body>my own page</body></html>")
+    assert "is not a report of infer.py" in fails(capsys, "--pipeline", tiny / "plain", "--note", note, "--html",
+                                                  mine)
+    assert note.read_text() == NOTE and mine.read_text() == "<html><body>my own page</body></html>"
+
+
+def test_an_html_write_error_names_the_users_path(tiny, tmp_path, capsys, monkeypatch):
+    """A failure while writing (a full disk) names --html, not the temp file beside it."""
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device", str(src))
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    out = tmp_path / "r.html"
+    with pytest.raises(SystemExit) as e:
+        infer.main(["--pipeline", str(tiny / "plain"), "--note", str(write_note(tmp_path)), "--html", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and [ln for ln in err if "error" in ln] == err[-1:], err
+    assert err[-1] == f"infer.py: error: {out}: No space left on device", err
+    assert not list(tmp_path.glob(".r.html*"))
+
+
+def test_a_label_adapter_given_as_the_concept_adapter_is_refused(tiny, tmp_path, capsys):
+    label = tmp_path / "label"
+    shutil.copytree(tiny / "adapted" / "label", label)
+    meta = label / "cec_adapter.json"
+    meta.write_text(json.dumps(json.loads(meta.read_text()) | {"stage": "label"}))
+    err = cli(tiny, "--pipeline", tiny / "plain", "--note", write_note(tmp_path), "--concept-adapter", label)
+    last_line_error(err, r"label: a label-stage adapter, given as the concept-stage adapter")
+
+
+def test_list_codes_prints_the_code_set_its_system_and_language(tiny, tmp_path, capsys):
+    lines = run(capsys, "--pipeline", tiny / "plain", "--list-codes").splitlines()
+    assert lines[0] == "tiny: 5 codes of ICD-9-CM (icd9cm); notes: not recorded"
+    assert lines[1:] == [f"{c}\t{d}" for c, d in [("A1", "Acute renal failure"), ("B2", "Chronic kidney disease"),
+                                                  ("C3", "Essential hypertension"), ("D4", "Type two diabetes"),
+                                                  ("E5", "Fever of unknown origin")]]
+    folder = tmp_path / "lang"
+    shutil.copytree(tiny / "plain", folder)
+    config = json.loads((folder / "cec_pipeline.json").read_text())
+    (folder / "cec_pipeline.json").write_text(json.dumps(config | {"note_language": "Spanish"}))
+    doc = json.loads(run(capsys, "--pipeline", folder, "--list-codes", "--format", "json"))
+    assert doc["note_language"] == "Spanish" and doc["code_system"] == "icd9cm" and len(doc["codes"]) == 5
+    shipped = run(capsys, "--list-codes").splitlines()  # the default: no model is loaded for this
+    assert shipped[0].startswith("codiesp-d50: 50 codes of ICD-10-CM (icd10cm); notes: English")
+    assert len(shipped) == 51
+
+
+def test_only_predicted_and_no_text_keep_the_output_small(batch, plain_doc, tiny, tmp_path, capsys):
+    notes, full = batch
+    out = tmp_path / "small.jsonl"
+    mid = (plain_doc["codes"][1]["probability"] + plain_doc["codes"][2]["probability"]) / 2
+    run(capsys, "--pipeline", tiny / "plain", "--notes", notes, "--out", out, "--only-predicted", "--no-text",
+        "--threshold", mid)
+    for line in read_lines(out):
+        assert all(c["predicted"] and "description" not in c for c in line["codes"])
+    doc = code_json(capsys, tiny, "--note", write_note(tmp_path), "--no-text", "--only-predicted", "--threshold", mid)
+    assert "note" not in doc and [c["code"] for c in doc["codes"]] == [c["code"] for c in plain_doc["codes"][:2]]
+
+
+def test_encoding_reads_notes_that_are_not_utf8(plain_doc, tiny, tmp_path, capsys):
+    note = write_note(tmp_path, NOTE.replace("fever", "fi\u00e8vre").encode("latin-1"))
+    doc = code_json(capsys, tiny, "--note", note, "--encoding", "latin-1")
+    assert doc["note"] == NOTE.replace("fever", "fi\u00e8vre")
+    notes = tmp_path / "notes.jsonl"
+    notes.write_bytes(json.dumps({"id": "a", "text": NOTE}, ensure_ascii=False).encode("utf-16"))
+    run(capsys, "--pipeline", tiny / "plain", "--notes", notes, "--out", tmp_path / "o.jsonl", "--encoding", "utf-16")
+    line = read_lines(tmp_path / "o.jsonl")
+    assert [ln["id"] for ln in line] == ["a"] and len(line[0]["codes"]) == 5
+    assert "not valid utf-16" in fails(capsys, "--pipeline", tiny / "plain", "--note", write_note(tmp_path, b"abc"),
+                                       "--encoding", "utf-16")
+
+
+def test_a_note_cut_to_the_token_budget_says_how_much_was_kept(tiny, tmp_path, capsys):
+    folder = tmp_path / "short"
+    shutil.copytree(tiny / "plain", folder)
+    config = json.loads((folder / "cec_pipeline.json").read_text())
+    (folder / "cec_pipeline.json").write_text(json.dumps(config | {"max_note_tokens": 24}))
+    note = write_note(tmp_path, NOTE * 4)
+    doc = code_json(capsys, tiny, "--note", note, pipeline=folder)
+    cut = doc["truncation"]
+    assert set(cut) == {"note_tokens", "kept_tokens", "kept_percent"} and cut["kept_tokens"] < cut["note_tokens"]
+    assert cut["kept_percent"] == round(100 * cut["kept_tokens"] / cut["note_tokens"], 1)
+    table = run(capsys, "--pipeline", folder, "--note", note)
+    assert f"kept {cut['kept_tokens']} of {cut['note_tokens']} tokens ({cut['kept_percent']}%)" in table
 
 
 # -- bad input: one line on stderr, exit 2 -----------------------------------------------------------------------

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 import soak_batch as soak  # noqa: E402
 
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-SOURCES = [*sorted((ROOT / "cec").glob("*.py")), ROOT / "infer.py", ROOT / "train.py",
+SOURCES = [*sorted((ROOT / "cec").rglob("*.py")), ROOT / "infer.py", ROOT / "train.py",
            *sorted((ROOT / "scripts").glob("*.py")), *sorted((ROOT / "kernels").glob("*.py"))]
 
 

@@ -1,0 +1,63 @@
+"""A coded note as the JSON contract (infer.py --format json, batch lines, the HTTP service) and as a table.
+
+    {"note", "code_system", "threshold", "codes": [{"code", "description", "probability", "predicted",
+     "evidence": [{"concept", "level", "probability", "role"}]}], "timing": {"prefix_tokens", "questions",
+     "seconds"}, "truncation"?: {"note_tokens", "kept_tokens", "kept_percent"}}
+
+"role" is "own" for a concept of the code's own set and "outside" for a predicted-negative concept from outside
+it; "truncation" is there only when the note was cut to the token budget. Codes are sorted by probability.
+"""
+TIMING_KEYS = ("prefix_tokens", "questions", "seconds")
+
+
+def note_json(result, text: str, pipeline, *, note: bool = True, descriptions: bool = True,
+              only_predicted: bool = False) -> dict:
+    """The contract of one NoteResult. note=False leaves out the note text, descriptions=False each code's
+    description (both are known to the caller), only_predicted=True the codes under the threshold."""
+    doc = result.to_json(text, pipeline.cs.code_system, pipeline.config.threshold)
+    doc["timing"] = {k: result.timing[k] for k in TIMING_KEYS}
+    if not note:
+        del doc["note"]
+    codes = [c for c in doc["codes"] if c["predicted"] or not only_predicted]
+    doc["codes"] = codes if descriptions else [{k: v for k, v in c.items() if k != "description"} for c in codes]
+    return doc
+
+
+def format_table(doc: dict, timing: dict, runners_up: int = 5, top_evidence: int = 3) -> str:
+    predicted = [c for c in doc["codes"] if c["predicted"]]
+    rest = [c for c in doc["codes"] if not c["predicted"]][:runners_up]
+    width = max([len(c["code"]) for c in predicted + rest] + [4])
+
+    def rows(codes):
+        for c in codes:
+            yield f"  {c['code']:<{width}}  {c['probability']:.3f}  {c.get('description', '')}".rstrip()
+            ev = ", ".join(f"{e['concept']} {e['probability']:.2f}" for e in c["evidence"][:top_evidence])
+            yield f"  {'':<{width}}         evidence: {ev}"
+
+    head = f"{doc['code_system']}, threshold {doc['threshold']:g}"
+    if predicted:
+        lines = [f"Predicted codes ({head}):", *rows(predicted)] + (["Next most likely:", *rows(rest)] if rest else [])
+    elif rest:
+        lines = [f"No code reached the threshold ({head}). Most likely:", *rows(rest)]
+    else:
+        lines = [f"No code reached the threshold ({head})."]
+    t = timing
+    split = (f" (concepts {t['concept_seconds']:.1f} s, codes {t['label_seconds']:.1f} s)"
+             if "concept_seconds" in t and "label_seconds" in t else "")
+    cut = doc.get("truncation")
+    if cut:
+        lines.append(f"Note cut to the token budget: kept {cut['kept_tokens']} of {cut['note_tokens']} tokens "
+                     f"({cut['kept_percent']}%)")
+    lines.append(f"{len(doc['codes'])} codes, {t['questions']} questions, {t['prefix_tokens']} note tokens: "
+                 f"{t['seconds']:.1f} s{split}")
+    return "\n".join(lines)
+
+
+CODE_SYSTEMS = {"icd10cm": "ICD-10-CM", "icd9cm": "ICD-9-CM", "icd10pcs": "ICD-10-PCS", "icd9pcs": "ICD-9-PCS"}
+
+
+def code_set_doc(cs, note_language: str) -> dict:
+    """What a pipeline codes: its concept set's codes with descriptions, code system and note language."""
+    return {"concept_set": cs.name, "code_system": cs.code_system,
+            "code_system_name": CODE_SYSTEMS.get(cs.code_system, cs.code_system), "note_language": note_language,
+            "codes": [{"code": c, "description": cs.descriptions[c]} for c in cs.codes]}
