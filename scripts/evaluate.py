@@ -13,86 +13,15 @@ For each system the threshold is tuned on dev by micro-F1 and applied to test; t
 AUC, macro/micro F1 (macro F1 = the mean of per-label F1) and P@5. Per-note scores are cached in
 JSON_STEM.scores.jsonl beside --json (or --cache), so an interrupted run resumes where it stopped.
 """
-import argparse
-import json
+# The command is cec/commands/evaluate.py (installed as `cec-evaluate`); this file keeps the script working.
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cec.cli import user_errors  # noqa: E402
-from cec.data import read_notes  # noqa: E402
-from cec.errors import ConfigError  # noqa: E402
-from cec.evaluation import (default_cache_path, parse_systems, render_markdown, resolve_setup,  # noqa: E402
-                            run_evaluation)
-from cec.io import atomic_write_json, atomic_write_text, prepare_output  # noqa: E402
-
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--test", required=True, help="notes JSONL to evaluate on")
-    ap.add_argument("--dev", required=True, help="notes JSONL the thresholds (and the TF-IDF C) are tuned on")
-    ap.add_argument("--train", help="notes JSONL the TF-IDF baseline is trained on (needed for tfidf)")
-    ap.add_argument("--pipeline", help="pipeline folder (cec_pipeline.json); default: the shipped one unless "
-                                       "--model is given")
-    ap.add_argument("--model", help="base model (embedded name, HF folder, .gguf or hub id); overrides the pipeline's")
-    ap.add_argument("--concepts", help="concept set (shipped name or built JSON); overrides the pipeline's")
-    ap.add_argument("--concept-adapter", help="concept-stage LoRA adapter folder")
-    ap.add_argument("--label-adapter", help="label-stage LoRA adapter folder")
-    ap.add_argument("--direct-adapter", help="direct-coding LoRA adapter folder (enables direct-ft)")
-    ap.add_argument("--k", type=int, help="k of the main CEC row and of the leaf ablation (default: the pipeline's)")
-    ap.add_argument("--systems", nargs="+", help="systems to run (default: all the inputs allow)")
-    ap.add_argument("--out", required=True, help="Markdown table to write")
-    ap.add_argument("--json", help="results JSON to write (default: --out with .json)")
-    ap.add_argument("--cache", help="per-note score cache JSONL (default: beside --json, JSON_STEM.scores.jsonl)")
-    ap.add_argument("--title", help="heading of the Markdown file")
-    ap.add_argument("--max-notes", type=int, help="only the first N notes of test and of dev")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", choices=DTYPES, help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
-    ap.add_argument("--batch-tokens", type=int, default=4096, help="question tokens per forward batch")
-    return ap.parse_args(argv)
-
-
-def main(argv=None) -> dict:
-    import torch
-
-    args = parse_args(argv)
-    if args.max_notes is not None and args.max_notes < 1:
-        raise ConfigError("--max-notes must be at least 1")
-    if args.k is not None and args.k < 1:
-        raise ConfigError("--k must be at least 1")
-    if args.batch_tokens < 1:
-        raise ConfigError("--batch-tokens must be at least 1")
-    json_path = Path(args.json) if args.json else Path(args.out).with_suffix(".json")
-    for output in (args.out, json_path):
-        prepare_output(output)
-    test, dev = read_notes(args.test), read_notes(args.dev)
-    if args.max_notes:
-        test, dev = test[: args.max_notes], dev[: args.max_notes]
-    train = read_notes(args.train) if args.train else None
-    setup = resolve_setup(args.pipeline, model=args.model, concepts=args.concepts,
-                          concept_adapter=args.concept_adapter, label_adapter=args.label_adapter,
-                          direct_adapter=args.direct_adapter)
-    if args.k is not None:
-        setup.config.k = args.k
-    systems, left_out = parse_systems(args.systems, setup.config.k, setup.adapters["direct"] is not None,
-                                      train is not None)
-    for line in left_out:
-        print(f"[cec] {line}", file=sys.stderr)
-    cache = Path(args.cache) if args.cache else default_cache_path(json_path)
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    sources = {"test": args.test, "dev": args.dev, "train": args.train, "pipeline": args.pipeline,
-               "max_notes": args.max_notes}
-    payload = run_evaluation(setup, systems, test, dev, train, cache, device=args.device, dtype=dtype,
-                             batch_tokens=args.batch_tokens, sources=sources)
-    table = render_markdown(payload, args.title)
-    atomic_write_text(args.out, table)
-    atomic_write_json(json_path, payload)
-    print(table)
-    return payload
-
+from cec.commands.evaluate import *  # noqa: E402,F401,F403
+from cec.commands.evaluate import main  # noqa: E402
 
 if __name__ == "__main__":
     with user_errors(Path(sys.argv[0]).name):

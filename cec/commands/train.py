@@ -1,0 +1,273 @@
+"""Fine-tune a LoRA adapter for one CEC stage on packed shared-prefix sequences.
+
+    python train.py --stage concept --data train.jsonl --dev dev.jsonl --concepts codiesp-d50 --out runs/concept
+    python train.py --stage label   --data train.jsonl --concepts codiesp-d50 --out runs/label
+    torchrun --nproc_per_node 2 train.py --stage concept ...        (data parallel: gloo on CPU, nccl on CUDA)
+
+Stages (paper Sec. 3.3, 3.4, Table 2): `concept` answers "is concept c relevant to the note" (Fig. 3), `label`
+answers "does the patient have code y" given concept answers (Fig. 4), `direct` asks about code descriptions.
+Defaults follow the paper's Appendix A: concept and direct r=32, alpha=32, dropout 0.05 on all linear layers;
+label alpha=128 on k_proj and v_proj; gradient accumulation 4. One optimizer step takes --grad-accum notes per
+process, each note with all its questions (so one step sees tens of question-answer pairs, not one).
+The run folder gets the adapter (adapter_config.json + adapter_model.safetensors, PEFT's format; cec_adapter.json),
+checkpoints/step-N/ for --resume, and train_log.jsonl (loss per step, dev loss/AUC/accuracy).
+
+Notes files must be UTF-8, as JSON requires (a line that is not is an error naming the file and line). Bad input
+(a missing or malformed file, an unknown code, weights or a checkpoint of another model) is one line on stderr and
+exit status 2. A run killed at any point resumes from its last checkpoint with --resume and ends with the same
+adapter; a loss that is not finite stops the run and names the last good checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+STAGE_DEFAULTS = {
+    "concept": dict(r=32, alpha=32.0, dropout=0.05, targets="all-linear", steps=500),
+    "label": dict(r=32, alpha=128.0, dropout=0.05, targets="k_proj,v_proj", steps=2000),
+    "direct": dict(r=32, alpha=32.0, dropout=0.05, targets="all-linear", steps=100),
+}
+
+
+def parse_args(argv=None, prog: str = "train.py") -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.split("\n\n")[1:]))
+    g = ap.add_argument_group("what to train")
+    g.add_argument("--stage", required=True, choices=list(STAGE_DEFAULTS), help="which model of the pipeline")
+    g.add_argument("--data", required=True, metavar="JSONL",
+                   help='training notes, one {"id", "text", "labels": [code, ...]} object per line')
+    g.add_argument("--dev", metavar="JSONL", help="dev notes for evaluation during training (optional)")
+    g.add_argument("--concepts", required=True, metavar="SET",
+                   help="a built concept set: a shipped name (mimic3-50, mimic3-rare50, codiesp-d50) or a path")
+    g.add_argument("--model", default="gemma3-270m",
+                   help="base model: embedded name (gemma3-270m), HF folder, .gguf file or hub id "
+                        "(default: %(default)s)")
+    g.add_argument("--out", required=True, metavar="DIR", help="run folder: adapter, checkpoints, train_log.jsonl")
+    g.add_argument("--drop-unknown-codes", action="store_true",
+                   help="ignore note labels that are not in the concept set (default: they are an error)")
+
+    g = ap.add_argument_group("optimization")
+    g.add_argument("--steps", type=int, help="optimizer steps (default: concept 500, label 2000, direct 100)")
+    g.add_argument("--lr", type=float, default=2e-4, help="peak learning rate of AdamW (default: %(default)s)")
+    g.add_argument("--warmup", type=int, help="linear warmup steps (default: 5%% of --steps)")
+    g.add_argument("--schedule", choices=["linear", "cosine", "constant"], default="linear",
+                   help="decay after warmup, to 0 at the last step (default: %(default)s)")
+    g.add_argument("--grad-accum", type=int, default=4,
+                   help="notes per process per optimizer step (default: %(default)s)")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping, 0 = off (default: %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: %(default)s)")
+    g.add_argument("--max-tokens", type=int, default=4096,
+                   help="longest packed sequence; a note's questions beyond it go to further sequences that "
+                        "restate the note, and a note too long for it loses its tail (default: %(default)s)")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each block in the backward pass: less memory, the cost of one more forward pass")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of LoRA init, data order and sampling (default: %(default)s)")
+
+    # option names never abbreviate a torchrun option (--r, --m would make torchrun's parser fail)
+    g = ap.add_argument_group("LoRA (defaults per stage: the paper's Appendix A)")
+    g.add_argument("--lora-r", dest="r", type=int, help="rank (default: 32)")
+    g.add_argument("--lora-alpha", dest="alpha", type=float,
+                   help="scaling numerator (default: concept/direct 32, label 128)")
+    g.add_argument("--lora-dropout", dest="dropout", type=float, help="dropout on the LoRA input (default: 0.05)")
+    g.add_argument("--lora-targets", dest="targets", help="comma-separated module names, or all-linear "
+                                     "(default: concept/direct all-linear, label k_proj,v_proj)")
+    g.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
+    g.add_argument("--init-adapter", metavar="DIR",
+                   help="start from this adapter's weights (its rank, alpha and targets; --lora-dropout still applies), "
+                        "e.g. to continue training or to adapt it to another prompt layout")
+
+    g = ap.add_argument_group("examples (paper Sec. 3.3-3.4, App. C)")
+    g.add_argument("--neg-ratio", type=float, default=1.0,
+                   help="concept/direct: negatives sampled per positive (default: %(default)s)")
+    g.add_argument("--min-negatives", type=int, default=5,
+                   help="concept/direct: at least this many negatives per note (default: %(default)s)")
+    g.add_argument("--label-k", dest="k", type=int, default=5,
+                   help="label: concepts of the asked code's set (default: %(default)s)")
+    g.add_argument("--label-m", dest="m", type=int, default=2,
+                   help="label: concepts from the opposite pseudo set (default: %(default)s)")
+    g.add_argument("--false-ratio", type=float, default=1.0,
+                   help="label: false codes asked per true code (default: %(default)s)")
+    g.add_argument("--min-false", type=int, default=2,
+                   help="label: at least this many false codes per note (default: %(default)s)")
+    g.add_argument("--max-questions", type=int, help="at most this many questions per note (random subset)")
+    g.add_argument("--label-layout", choices=["paper", "compact"], default="paper",
+                   help="label: 'paper' = Fig. 4 verbatim; 'compact' = the code-independent text once in the shared "
+                        "prefix, one short line per concept answer (about 3x fewer tokens per code question at "
+                        "inference); the adapter records it and the pipeline follows (default: %(default)s)")
+
+    g = ap.add_argument_group("evaluation, checkpoints, run")
+    g.add_argument("--eval-every", type=int, default=50, help="dev evaluation every N steps, and at the end "
+                                                              "(default: %(default)s; 0 = only at the end)")
+    g.add_argument("--dev-notes", type=int, default=64, help="evaluate on the first N dev notes (default: %(default)s)")
+    g.add_argument("--save-every", type=int, default=50,
+                   help="checkpoint every N steps, and at the end (default: %(default)s)")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept (default: %(default)s)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the last checkpoint in --out (same data order, optimizer and RNG state)")
+    g.add_argument("--stop-at", type=int, metavar="STEP",
+                   help="stop after this step (checkpointed); finish later with --resume")
+    g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available; under torchrun "
+                                    "cuda:LOCAL_RANK)")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="base weights: auto = bfloat16 on CUDA (with autocast), float32 on CPU (default: %(default)s)")
+    g.add_argument("--save-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="dtype of the final adapter file (checkpoints are always float32) (default: %(default)s)")
+    g.add_argument("--threads", type=int, help="CPU threads per process (default: torch's choice)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    for key, value in STAGE_DEFAULTS[args.stage].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.warmup is None:
+        args.warmup = round(0.05 * args.steps)
+    return args
+
+
+def check_args(args) -> None:
+    from cec.errors import ConfigError
+
+    positive = {"--steps": args.steps, "--grad-accum": args.grad_accum, "--max-tokens": args.max_tokens,
+                "--lora-r": args.r, "--keep-checkpoints": args.keep_checkpoints}
+    for name, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{name} must be at least 1, got {value}")
+    for name, value in {"--lr": args.lr, "--lora-alpha": args.alpha, "--neg-ratio": args.neg_ratio,
+                        "--warmup": args.warmup, "--eval-every": args.eval_every, "--save-every": args.save_every,
+                        "--label-k": args.k, "--label-m": args.m, "--false-ratio": args.false_ratio}.items():
+        if value < 0:
+            raise ConfigError(f"{name} must not be negative, got {value}")
+    if not 0 <= args.dropout < 1:
+        raise ConfigError(f"--lora-dropout must be in [0, 1), got {args.dropout}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+
+
+def check_run_folder(args) -> None:
+    from cec.errors import ConfigError
+    from cec.trainer import latest_checkpoints
+
+    out = Path(args.out)
+    if not args.resume and (latest_checkpoints(out) or (out / "adapter_model.safetensors").exists()):
+        raise ConfigError(f"--out {out} already holds a run; pass --resume to continue it, or choose another --out")
+
+
+def read_data(args):
+    """(concept set, training notes, dev notes), checked; read before torch loads, so a bad file is reported at
+    once. Non-UTF-8 bytes in a notes file are an error naming the file and line (cec.data.read_notes)."""
+    from cec.concepts import load_concept_set
+    from cec.data import read_notes
+    from cec.errors import DataError
+    from cec.examples import check_labels
+
+    concept_set = load_concept_set(args.concepts)
+    notes = read_notes(args.data)
+    if not notes:
+        raise DataError(f"{args.data}: no notes")
+    dev = read_notes(args.dev) if args.dev else []
+    try:
+        notes = check_labels(notes, concept_set, args.drop_unknown_codes)
+    except DataError as e:
+        raise DataError(f"{args.data}: {e}") from None
+    return concept_set, notes, check_labels(dev, concept_set, True)
+
+
+def setup_distributed(args):
+    """(rank, world, device) from torchrun's environment; a plain run is rank 0 of 1."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if world > 1:
+        if device.startswith("cuda"):
+            device = f"cuda:{local}"
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        return dist.get_rank(), world, torch.device(device)
+    return 0, 1, torch.device(device)
+
+
+def main(argv=None, prog: str = "train.py") -> None:
+    args = parse_args(argv, prog)
+    check_args(args)
+    concept_set, notes, dev = read_data(args)
+    import torch
+
+    from cec import prompts
+    from cec.errors import ConfigError
+    from cec.examples import ExampleOptions, build_examples
+    from cec.lora import inject_lora, load_adapter
+    from cec.trainer import TrainConfig, Trainer
+    from cec.weights import default_dtype, load_model
+
+    check_run_folder(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rank, world, device = setup_distributed(args)
+
+    def log(msg: str) -> None:
+        if rank == 0:
+            print(f"[train] {msg}", file=sys.stderr, flush=True)
+
+    try:
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: CUDA is not available")
+        dtype = {"auto": default_dtype(device), "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+        model, tokenizer = load_model(args.model, device=device, dtype=dtype)
+        layout = args.label_layout if args.stage == "label" else "paper"
+        yes_ids, no_ids = prompts.answer_ids(tokenizer, args.stage, layout)
+        torch.manual_seed(args.seed)  # the same LoRA init on every rank and in every run
+        if args.init_adapter:
+            lora_config, _ = load_adapter(model, args.init_adapter, dtype=torch.float32, dropout=args.dropout)
+            lora_config.dropout = args.dropout
+            log(f"initialized from {args.init_adapter}")
+        else:
+            targets = args.targets if args.targets == "all-linear" else [
+                t.strip() for t in args.targets.split(",") if t.strip()]
+            lora_config = inject_lora(model, targets, r=args.r, alpha=args.alpha, dropout=args.dropout,
+                                      use_rslora=args.rslora, base_model=str(args.model))
+        torch.manual_seed(args.seed + rank)  # dropout draws: one stream per rank
+        opts = ExampleOptions(neg_ratio=args.neg_ratio, min_negatives=args.min_negatives, k=args.k, m=args.m,
+                              false_ratio=args.false_ratio, min_false=args.min_false,
+                              max_questions=args.max_questions, label_layout=layout)
+
+        def make_examples(note, epoch):
+            return build_examples(args.stage, note, concept_set, seed=args.seed, epoch=epoch, opts=opts)
+
+        config = TrainConfig(steps=args.steps, lr=args.lr, warmup=args.warmup, schedule=args.schedule,
+                             grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm,
+                             weight_decay=args.weight_decay, max_tokens=args.max_tokens, seed=args.seed,
+                             eval_every=args.eval_every, save_every=args.save_every,
+                             keep_checkpoints=args.keep_checkpoints, dev_notes=args.dev_notes,
+                             gradient_checkpointing=args.gradient_checkpointing, stop_at=args.stop_at,
+                             save_dtype=args.save_dtype, progress=not args.no_progress)
+        meta = {"stage": args.stage, "concept_set": concept_set.name, "code_system": concept_set.code_system,
+                "prompts": layout, "yes_answers": list(prompts.YES_ANSWERS), "no_answers": list(prompts.NO_ANSWERS),
+                "train_notes": len(notes), "seed": args.seed,
+                "concept_set_codes": list(concept_set.codes),  # what infer.py and evaluate.py check the set against
+                **({"init_adapter": str(args.init_adapter)} if args.init_adapter else {})}
+        log(f"stage {args.stage}: {len(notes)} notes, {len(dev)} dev notes, {world} process(es) on {device}, "
+            f"LoRA r={args.r} alpha={args.alpha:g} on {', '.join(lora_config.target_modules)}; "
+            f"{args.steps} steps of {args.grad_accum * world} notes")
+        trainer = Trainer(model, tokenizer, yes_ids, no_ids, notes, make_examples, args.out, config, lora_config,
+                          dev_notes=dev, meta=meta, log=log)
+        trainer.train(resume=args.resume)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def cli() -> None:
+    """The `cec-train` command."""
+    from cec.cli import user_errors
+
+    with user_errors("cec-train"):
+        main(prog="cec-train")
