@@ -314,7 +314,7 @@ def _(k, tmp, request):
     adapter = tmp / "adapter"
     shutil.copytree(run / "checkpoints" / "step-000001", adapter)
     return "infer.py", ["--pipeline", k.pipe, "--note", k.note, "--concepts", k.root / "renamed_codes.json",
-                        "--label-adapter", adapter], r"adapter: adapter was trained for another code set"
+                        "--concept-adapter", adapter], r"adapter: adapter was trained for another code set"
 
 
 @case("train-resume-from-a-corrupt-checkpoint")
@@ -553,8 +553,9 @@ def test_huge_note_is_cut_to_the_token_budget_with_a_warning_in_bounded_memory(k
     rc, out, err, huge_mb = run_with_peak(tmp_path, "--pipeline", kit.pipe, "--note", tmp_path / "huge.txt",
                                           "--format", "json")
     assert rc == 0 and "Traceback" not in err, err
-    assert "note longer than 128 tokens" in err, err
+    assert re.search(r"note of \d+ tokens is longer than 128: kept \d+ tokens \([\d.]+%\)", err), err
     doc = json.loads(out)
+    assert doc["truncation"]["kept_tokens"] < doc["truncation"]["note_tokens"]
     assert len(doc["note"]) == 1_000_000  # the output keeps the note as given
     assert doc["timing"]["prefix_tokens"] <= 128 + len(kit.tok.encode(prompts.concept_prefix("")))
     rc, _, err, short_mb = run_with_peak(tmp_path, "--pipeline", kit.pipe, "--note", kit.note, "--format", "json")
