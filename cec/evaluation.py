@@ -166,8 +166,7 @@ def leaf_view(cs: ConceptSet) -> ConceptSet:
 
 def concept_probs(pipe: CECPipeline, text: str) -> torch.Tensor:
     """Stage 1: P(yes) for every concept of the pipeline's set against the (already fitted) note."""
-    prefix = pipe.tokenizer.encode(prompts.concept_prefix(text), add_bos=True)
-    return torch.sigmoid(pipe.concept_scorer.score(prefix, pipe.concept_questions))
+    return pipe.concept_probs(text)
 
 
 def code_questions(pipe: CECPipeline, concept_p: torch.Tensor, note_id: str | None, k: int,

@@ -25,11 +25,14 @@ import torch
 import torch.nn as nn
 
 from cec import prompts
+from cec.bottleneck import Bottleneck
 from cec.cache import PrefixScorer, head_for
+from cec.calibration import Platt
 from cec.errors import AdapterError, DataError
 from cec.model import Transformer
 
 PIPELINE_FILE = "cec_pipeline.json"
+LABEL_STAGES = ("llm", "linear")
 RESOURCES = Path(__file__).resolve().parent / "resources"
 DEFAULT_PIPELINE = RESOURCES / "pipelines" / "gemma3-270m-codiesp-d50"
 
@@ -49,6 +52,9 @@ class PipelineConfig:
     label_layout: str | None = None  # "paper" | "compact"; None = the label adapter's, else "paper"
     max_note_tokens: int = 3000  # longer notes are segmented by section (cec.segment) to this budget
     seed: int = 0
+    label_stage: str = "llm"  # stage 2: "llm" (the label adapter, paper Sec. 3.4) or "linear" (cec.bottleneck)
+    bottleneck: str | None = None  # the linear stage's weights (JSON), relative to the pipeline folder
+    calibration: dict | None = None  # Platt scaling of code probabilities (cec.calibration), fitted on dev
     dev_metrics: dict = field(default_factory=dict)
 
     @classmethod
@@ -63,6 +69,9 @@ class PipelineConfig:
             config = cls(**known)
         except (json.JSONDecodeError, TypeError) as e:
             raise DataError(f"{path}: malformed ({e})") from None
+        if config.label_stage not in LABEL_STAGES:
+            raise DataError(f"{path}: label_stage {config.label_stage!r} is not one of {', '.join(LABEL_STAGES)}")
+        Platt.from_json(config.calibration)  # a malformed calibration is refused here, not mid-run
         if config.label_layout not in (None, *prompts.LABEL_LAYOUTS):
             raise DataError(f"{path}: label_layout {config.label_layout!r} is not one of "
                             f"{', '.join(prompts.LABEL_LAYOUTS)}")
@@ -180,8 +189,13 @@ class NoteResult:
 class CECPipeline:
     def __init__(self, model: Transformer, tokenizer, concept_set, config: PipelineConfig,
                  concept_model: Transformer | None = None, label_model: Transformer | None = None,
-                 batch_tokens: int = 4096):
+                 batch_tokens: int = 4096, bottleneck: Bottleneck | None = None):
         self.tokenizer, self.cs, self.config = tokenizer, concept_set, config
+        if config.label_stage == "linear" and bottleneck is None:
+            raise DataError("label_stage 'linear' needs a concept bottleneck (bottleneck in cec_pipeline.json)")
+        self.bottleneck = bottleneck
+        self.calibration = Platt.from_json(config.calibration)
+        self.concept_prefix_tokens = 0  # of the last note stage 1 scored
         self.concept_model = concept_model or model
         self.label_model = label_model or model
         yes, no = prompts.answer_ids(tokenizer, "concept")
@@ -218,12 +232,20 @@ class CECPipeline:
         cs = concept_set or load_concept_set(resolve_beside(folder, config.concept_set))
         if config.label_layout is None:
             config.label_layout = trained_layout(folder / config.label_adapter if config.label_adapter else None)
-        concept_model, label_model = model, share_base(model)
+        if config.label_stage not in LABEL_STAGES:
+            raise DataError(f"label stage {config.label_stage!r} is not one of {', '.join(LABEL_STAGES)}")
+        linear = config.label_stage == "linear"
+        bottleneck = None
+        if linear:
+            if not config.bottleneck:
+                raise DataError(f"{folder}: label_stage 'linear' but no bottleneck file in {PIPELINE_FILE}")
+            bottleneck = Bottleneck.load(folder / config.bottleneck, cs)
+        concept_model, label_model = model, (model if linear else share_base(model))
         for m, stage, rel in ((concept_model, "concept", config.concept_adapter),
-                              (label_model, "label", config.label_adapter)):
+                              (label_model, "label", None if linear else config.label_adapter)):
             if rel:
                 load_stage_adapter(m, folder / rel, stage, cs, fold)
-        return cls(model, tokenizer, cs, config, concept_model, label_model)
+        return cls(model, tokenizer, cs, config, concept_model, label_model, bottleneck=bottleneck)
 
     def fit_note(self, text: str) -> str:
         return self.fit_note_info(text)[0]
@@ -254,28 +276,58 @@ class CECPipeline:
         t0 = time.perf_counter()
         text, truncation = self.fit_note_info(text)
         # stage 1: every concept against the cached note
-        prefix = self.tokenizer.encode(prompts.concept_prefix(text), add_bos=True)
-        concept_p = torch.sigmoid(self.concept_scorer.score(prefix, self.concept_questions))
+        concept_p = self.concept_probs(text)
         t1 = time.perf_counter()
-        # stage 2: one question per code, with the answers of k own concepts and m outside negatives
-        shown = shown_concepts(cfg, cs, concept_p, note_id)
-        code_p = self.code_probs(text, concept_p, [(shown, cs)])[0]
+        # stage 2: the linear concept bottleneck, or one label-LLM question per code with the answers of k own
+        # concepts and m outside negatives
+        if self.bottleneck is not None:
+            code_p, evidence = self.bottleneck.probs(concept_p), self.bottleneck_evidence(concept_p)
+            questions = len(self.concept_questions)
+        else:
+            shown = shown_concepts(cfg, cs, concept_p, note_id)
+            code_p, evidence = self.code_probs(text, concept_p, [(shown, cs)])[0], self.shown_evidence(concept_p, shown)
+            questions = len(self.concept_questions) + len(shown)
+        if self.calibration is not None:
+            code_p = self.calibration(code_p)
         t2 = time.perf_counter()
-        codes = []
-        for j, code in enumerate(cs.codes):
-            p = float(code_p[j])
-            own = set(cs.concept_ids(code))
-            evidence = [{"concept": cs.concepts[i].text, "level": cs.concepts[i].level,
-                         "probability": round(float(concept_p[i]), 6),
-                         "role": "own" if i in own else "outside"} for i in shown[j]]
-            evidence.sort(key=lambda e: -e["probability"])
-            codes.append({"code": code, "description": cs.descriptions[code], "probability": round(p, 6),
-                          "predicted": p >= cfg.threshold, "evidence": evidence})
+        codes = [{"code": code, "description": cs.descriptions[code], "probability": round(float(code_p[j]), 6),
+                  "predicted": float(code_p[j]) >= cfg.threshold, "evidence": evidence[j]}
+                 for j, code in enumerate(cs.codes)]
         codes.sort(key=lambda c: -c["probability"])
-        timing = {"prefix_tokens": len(prefix), "questions": len(self.concept_questions) + len(shown),
+        timing = {"prefix_tokens": self.concept_prefix_tokens, "questions": questions,
                   "seconds": round(t2 - t0, 3), "concept_seconds": round(t1 - t0, 3),
                   "label_seconds": round(t2 - t1, 3)}
         return NoteResult(note_id, codes, concept_p, timing, truncation)
+
+    def concept_probs(self, text: str, concept_ids: list[int] | None = None) -> torch.Tensor:
+        """Stage 1: P(yes) of every concept of the set (or of concept_ids only) against the fitted note."""
+        prefix = self.tokenizer.encode(prompts.concept_prefix(text), add_bos=True)
+        self.concept_prefix_tokens = len(prefix)
+        questions = self.concept_questions if concept_ids is None else [self.concept_questions[i] for i in concept_ids]
+        return torch.sigmoid(self.concept_scorer.score(prefix, questions))
+
+    def _evidence_entry(self, concept_p, i: int, role: str) -> dict:
+        c = self.cs.concepts[i]
+        return {"concept": c.text, "level": c.level, "probability": round(float(concept_p[i]), 6), "role": role}
+
+    def shown_evidence(self, concept_p: torch.Tensor, shown: list[list[int]]) -> list[list[dict]]:
+        """Per code, the concepts the label LLM was shown, most probable first, each with its role."""
+        out = []
+        for code, ids in zip(self.cs.codes, shown):
+            own = set(self.cs.concept_ids(code))
+            entries = [self._evidence_entry(concept_p, i, "own" if i in own else "outside") for i in ids]
+            out.append(sorted(entries, key=lambda e: -e["probability"]))
+        return out
+
+    def bottleneck_evidence(self, concept_p: torch.Tensor) -> list[list[dict]]:
+        """Per code, its k own concepts with the largest terms in the code's logit (cec.bottleneck), largest first;
+        "contribution" is that term (positive: pushed the code up)."""
+        out = []
+        for j in range(len(self.cs.codes)):
+            terms = sorted(self.bottleneck.contributions(concept_p, j).items(), key=lambda t: -t[1])
+            out.append([{**self._evidence_entry(concept_p, i, "own"), "contribution": round(w, 4)}
+                        for i, w in terms[: self.config.k]])
+        return out
 
     def label_question_ids(self, concept_p: torch.Tensor, shown: list[list[int]], cs=None) -> list[list[int]]:
         """Token ids of the code questions (cs.codes order) showing these concepts with their predicted answers."""

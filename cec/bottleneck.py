@@ -1,0 +1,183 @@
+"""Concept-bottleneck stage 2: each code's probability from a small logistic model over its own concepts'
+stage-1 probabilities, instead of (or beside) the label LLM.
+
+For code c with own concepts i (parent and leaf level), x_i = logit(P(yes) of concept i), clipped to +-CLIP:
+
+    z_c = b_c + a_leaf * mean(x_leaf(c)) + a_own * mean(x_own(c)) + a_max * max(x_own(c)) + sum_i w_ci * x_i
+
+The three pooled weights `a` are shared by all codes (codes with few positives borrow strength from the rest);
+the per-concept weights w_ci and the per-code biases b_c are shrunk by L2 towards 0 and towards the mean bias.
+P(c) = sigmoid(z_c). The logit decomposes exactly into one term per own concept plus the bias
+(`contributions`), which is the evidence a coder reads: which concepts pushed the code up or down.
+Fitted full-batch with L-BFGS on [notes, concepts] probabilities and [notes, codes] labels; the L2 strength
+is chosen by k-fold cross-validation over notes of the fitting set only. Stored as JSON beside the pipeline.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cec.errors import DataError
+
+CLIP = 8.0
+L2_GRID = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+POOLED = ("leaf_mean", "own_mean", "own_max")
+
+
+def concept_logits(concept_p) -> torch.Tensor:
+    p = torch.as_tensor(np.asarray(concept_p), dtype=torch.float64)
+    return torch.logit(p.clamp(1e-6, 1 - 1e-6)).clamp(-CLIP, CLIP)
+
+
+@dataclass
+class Bottleneck:
+    codes: list[str]
+    own: list[list[int]]  # per code: concept ids (the concept set's ids), parent and leaf level
+    leaf: list[list[int]]  # per code: its leaf-level concept ids (a subset of own)
+    pooled: np.ndarray  # [3] shared weights of POOLED
+    bias: np.ndarray  # [codes]
+    weights: list[np.ndarray]  # per code: one weight per own concept
+    l2: float = 1.0
+    concept_texts: list[str] | None = None  # for a readable file; checked against the concept set on load
+
+    # -- scoring ------------------------------------------------------------------------------------------
+    def _pool(self, x: torch.Tensor, j: int) -> torch.Tensor:
+        own, leaf = x[..., self.own[j]], x[..., self.leaf[j] or self.own[j]]
+        return torch.stack([leaf.mean(-1), own.mean(-1), own.max(-1).values], -1)
+
+    def logits(self, concept_p) -> torch.Tensor:
+        """[..., concepts] probabilities -> [..., codes] logits."""
+        x = concept_logits(concept_p)
+        pooled = torch.as_tensor(self.pooled)
+        cols = [self.bias[j] + self._pool(x, j) @ pooled + x[..., self.own[j]] @ torch.as_tensor(self.weights[j])
+                for j in range(len(self.codes))]
+        return torch.stack(cols, -1)
+
+    def probs(self, concept_p) -> torch.Tensor:
+        return torch.sigmoid(self.logits(concept_p)).float()
+
+    def contributions(self, concept_p, j: int) -> dict[int, float]:
+        """Concept id -> its term of code j's logit (the terms and the bias sum to the logit)."""
+        x = concept_logits(concept_p)
+        own, leaf = self.own[j], self.leaf[j] or self.own[j]
+        out = {i: float(x[i]) * (float(self.weights[j][n]) + self.pooled[1] / len(own)) for n, i in enumerate(own)}
+        for i in leaf:
+            out[i] += float(x[i]) * self.pooled[0] / len(leaf)
+        top = own[int(torch.argmax(x[own]))]
+        out[top] += float(x[top]) * self.pooled[2]
+        return out
+
+    # -- fitting ------------------------------------------------------------------------------------------
+    @classmethod
+    def fit(cls, cs, concept_p, y, l2: float | None = None, folds: int = 5, seed: int = 0) -> "Bottleneck":
+        """Fit on [notes, concepts] stage-1 probabilities and [notes, codes] 0/1 labels (cs.codes order).
+        l2=None: chosen from L2_GRID by `folds`-fold cross-validation (log-loss) over these notes."""
+        x, y = concept_logits(concept_p), torch.as_tensor(np.asarray(y), dtype=torch.float64)
+        if x.shape[0] != y.shape[0] or y.shape[1] != len(cs.codes):
+            raise DataError(f"bottleneck: {x.shape[0]} notes of concept scores but labels of shape {tuple(y.shape)}")
+        own = [cs.concept_ids(c) for c in cs.codes]
+        leaf = [list(cs.leaf_ids.get(c, [])) for c in cs.codes]
+        if l2 is None:
+            l2 = min(L2_GRID, key=lambda lam: cls._cv_loss(own, leaf, x, y, lam, folds, seed))
+        pooled, bias, weights = cls._fit(own, leaf, x, y, l2)
+        return cls(list(cs.codes), own, leaf, pooled, bias, weights, l2, [c.text for c in cs.concepts])
+
+    @classmethod
+    def out_of_fold(cls, cs, concept_p, y, folds: int = 5, seed: int = 0, l2: float | None = None) -> np.ndarray:
+        """[notes, codes] probabilities, each note's from a model fitted on the other folds (for calibrating and
+        tuning a threshold on the same notes the final model is fitted on)."""
+        x, y_t = np.asarray(concept_p), np.asarray(y)
+        out = np.zeros(y_t.shape, dtype=np.float64)
+        for train, held in _folds(len(x), folds, seed):
+            out[held] = cls.fit(cs, x[train], y_t[train], l2=l2, folds=folds, seed=seed).probs(x[held]).numpy()
+        return out
+
+    @staticmethod
+    def _fit(own, leaf, x, y, l2):
+        n, codes = y.shape
+        sizes = [len(o) for o in own]
+        flat = torch.cat([torch.as_tensor(o) for o in own])
+        pooled_x = torch.stack([torch.stack([x[:, lf or o].mean(1), x[:, o].mean(1), x[:, o].max(1).values], 1)
+                                for o, lf in zip(own, leaf)], 1)  # [n, codes, 3]
+        owner = torch.repeat_interleave(torch.arange(codes), torch.as_tensor(sizes))
+        xo = x[:, flat]  # [n, total own]
+        prior = torch.logit(y.mean(0).clamp(0.5 / n, 1 - 0.5 / n))
+        a = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+        b = prior.clone().requires_grad_(True)
+        w = torch.zeros(len(flat), dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([a, b, w], lr=1, max_iter=150, tolerance_grad=1e-7, tolerance_change=1e-10,
+                                line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            z = b + pooled_x @ a + torch.zeros(n, codes, dtype=torch.float64).index_add(1, owner, xo * w)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(z, y, reduction="sum") / n
+            loss = loss + l2 * (w.square().sum() + (b - b.mean()).square().sum()) / n
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        split = torch.split(w.detach(), sizes)
+        return a.detach().numpy(), b.detach().numpy(), [s.numpy() for s in split]
+
+    @classmethod
+    def _cv_loss(cls, own, leaf, x, y, l2, folds, seed) -> float:
+        total = 0.0
+        for train, held in _folds(x.shape[0], folds, seed):
+            a, b, w = cls._fit(own, leaf, x[train], y[train], l2)
+            model = cls([""] * y.shape[1], own, leaf, a, b, w, l2)
+            z = model.logits(torch.sigmoid(x[held]))
+            total += float(torch.nn.functional.binary_cross_entropy_with_logits(z, y[held], reduction="sum"))
+        return total
+
+    # -- files --------------------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        from cec.io import atomic_write_json
+
+        texts = self.concept_texts or []
+        codes = {c: {"bias": float(self.bias[j]),
+                     "concepts": [{"id": i, "concept": texts[i] if texts else None, "weight": float(w),
+                                   "level": "leaf" if i in set(self.leaf[j]) else "parent"}
+                                  for i, w in zip(self.own[j], self.weights[j])]}
+                 for j, c in enumerate(self.codes)}
+        atomic_write_json(Path(path), {"format": "cec-bottleneck-1", "clip": CLIP, "l2": self.l2,
+                                       "pooled": dict(zip(POOLED, map(float, self.pooled))), "codes": codes})
+
+    @classmethod
+    def load(cls, path: str | Path, cs) -> "Bottleneck":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+            if d.get("format") != "cec-bottleneck-1":
+                raise DataError(f"{path}: not a concept-bottleneck file (format {d.get('format')!r})")
+            if list(d["codes"]) != list(cs.codes):
+                raise DataError(f"{path}: fitted for another code set than concept set {cs.name!r}")
+            own, leaf, weights, bias = [], [], [], []
+            for code in cs.codes:
+                entry = d["codes"][code]
+                ids = [int(e["id"]) for e in entry["concepts"]]
+                if ids != cs.concept_ids(code) or any(
+                        e["concept"] is not None and e["concept"] != cs.concepts[e["id"]].text for e in entry["concepts"]):
+                    raise DataError(f"{path}: code {code}'s concepts differ from concept set {cs.name!r}")
+                own.append(ids)
+                leaf.append([e["id"] for e in entry["concepts"] if e["level"] == "leaf"])
+                weights.append(np.array([float(e["weight"]) for e in entry["concepts"]]))
+                bias.append(float(entry["bias"]))
+            pooled = np.array([float(d["pooled"][k]) for k in POOLED])
+        except FileNotFoundError:
+            raise DataError(f"{path}: no such concept-bottleneck file") from None
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            raise DataError(f"{path}: malformed concept-bottleneck file ({type(e).__name__}: {e})") from None
+        return cls(list(cs.codes), own, leaf, pooled, np.array(bias), weights, float(d.get("l2", 1.0)),
+                   [c.text for c in cs.concepts])
+
+
+def _folds(n: int, folds: int, seed: int):
+    order = np.random.default_rng(seed).permutation(n)
+    for k in range(min(folds, n)):
+        held = np.sort(order[k::folds])
+        yield np.setdiff1d(np.arange(n), held), held

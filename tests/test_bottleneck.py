@@ -1,0 +1,152 @@
+"""The linear concept-bottleneck stage 2, Platt calibration, the two-fold dev protocol, and a pipeline whose
+label_stage is "linear" (tiny random Gemma 3 and tiny concept set)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cec.bottleneck import Bottleneck, concept_logits
+from cec.calibration import Platt, expected_calibration_error
+from cec.crossfit import bottleneck_system, halves, score_system, two_fold
+from cec.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def cs():
+    from tiny_train import tiny_concept_set
+
+    return tiny_concept_set()
+
+
+def synthetic(cs, n=80, seed=0):
+    """Notes whose codes are present exactly when their first leaf concept is probable (plus noise elsewhere)."""
+    rng = np.random.default_rng(seed)
+    p = rng.uniform(0.01, 0.4, size=(n, len(cs.concepts)))
+    y = rng.random((n, len(cs.codes))) < 0.3
+    for j, code in enumerate(cs.codes):
+        first = (cs.leaf_ids[code] or cs.concept_ids(code))[0]
+        p[y[:, j], first] = rng.uniform(0.8, 0.99, size=y[:, j].sum())
+    return p, y
+
+
+def test_bottleneck_learns_the_signal_and_its_terms_sum_to_the_logit(cs):
+    p, y = synthetic(cs)
+    model = Bottleneck.fit(cs, p[:60], y[:60], l2=1.0)
+    from cec.metrics import micro_auc
+
+    assert micro_auc(y[60:], model.probs(p[60:]).numpy()) > 0.9
+    z = model.logits(p[0])
+    for j in range(len(cs.codes)):
+        terms = model.contributions(p[0], j)
+        assert set(terms) == set(cs.concept_ids(cs.codes[j]))
+        assert sum(terms.values()) + model.bias[j] == pytest.approx(float(z[j]), abs=1e-9)
+
+
+def test_bottleneck_file_round_trips_and_refuses_another_code_set(cs, tmp_path):
+    p, y = synthetic(cs)
+    model = Bottleneck.fit(cs, p, y, l2=1.0)
+    model.save(tmp_path / "b.json")
+    again = Bottleneck.load(tmp_path / "b.json", cs)
+    assert torch.equal(model.probs(p), again.probs(p))
+    d = json.loads((tmp_path / "b.json").read_text())
+    d["codes"] = dict(list(d["codes"].items())[1:])
+    (tmp_path / "other.json").write_text(json.dumps(d))
+    with pytest.raises(DataError, match="another code set"):
+        Bottleneck.load(tmp_path / "other.json", cs)
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(DataError, match="not a concept-bottleneck file"):
+        Bottleneck.load(tmp_path / "bad.json", cs)
+
+
+def test_out_of_fold_predictions_never_see_their_note(cs):
+    p, y = synthetic(cs, n=30)
+    oof = Bottleneck.out_of_fold(cs, p, y, folds=3, l2=1.0)
+    # a note's out-of-fold prediction does not change when its own label flips
+    y2 = y.copy()
+    y2[0] = ~y2[0]
+    assert np.allclose(Bottleneck.out_of_fold(cs, p, y2, folds=3, l2=1.0)[0], oof[0])
+
+
+def test_l2_is_chosen_by_cross_validation(cs):
+    p, y = synthetic(cs, n=24)
+    assert Bottleneck.fit(cs, p, y, folds=2).l2 in __import__("cec.bottleneck").bottleneck.L2_GRID
+
+
+def test_concept_logits_are_clipped():
+    x = concept_logits(np.array([0.0, 1.0, 0.5]))
+    assert x.tolist() == [-8.0, 8.0, 0.0]
+
+
+def test_platt_recovers_a_known_miscalibration():
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 2, 20000)
+    y = rng.random(z.size) < 1 / (1 + np.exp(-z))
+    overconfident = 1 / (1 + np.exp(-(3 * z + 1)))  # logit = 3z + 1
+    cal = Platt.fit(overconfident, y)
+    assert cal.a == pytest.approx(1 / 3, abs=0.03) and cal.b == pytest.approx(-1 / 3, abs=0.05)
+    assert expected_calibration_error(cal(overconfident), y) < 0.02 < expected_calibration_error(overconfident, y)
+    assert Platt.from_json(cal.to_json()) == cal
+    with pytest.raises(DataError):
+        Platt.from_json({"method": "isotonic"})
+    with pytest.raises(DataError):
+        Platt.fit(overconfident, np.zeros_like(y))
+
+
+def test_ece_of_a_perfectly_calibrated_constant():
+    assert expected_calibration_error(np.full(10, 0.3), np.array([1, 1, 1] + [0] * 7)) == pytest.approx(0.0)
+    assert expected_calibration_error(np.ones(4), np.zeros(4)) == pytest.approx(1.0)
+
+
+def test_two_fold_predicts_each_note_from_the_other_half(cs):
+    p, y = synthetic(cs, n=40)
+    seen = []
+
+    def system(tune):
+        seen.append(set(tune.tolist()))
+        return score_system(p[:, :len(cs.codes)], y, calibrate=False)(tune)
+
+    r = two_fold(system, y)
+    a, b = halves(len(y))
+    assert seen == [set(a.tolist()), set(b.tolist())] and not set(a) & set(b)
+    assert len(r["micro_f1_directions"]) == 2 and r["micro_f1_ci95"][0] <= r["micro_f1"] <= r["micro_f1_ci95"][1]
+    good = two_fold(bottleneck_system(cs, p, y, folds=3, l2=1.0), y)
+    assert good["micro_auc"] > 0.9 and 0 <= good["ece"] <= 1
+
+
+def test_pipeline_with_a_linear_stage_2(cs, tmp_path):
+    from tiny_train import save_tiny_model
+
+    from cec.pipeline import CECPipeline
+
+    save_tiny_model(tmp_path / "model")
+    cs.save(tmp_path / "concepts.json")
+    p, y = synthetic(cs)
+    Bottleneck.fit(cs, p, y, l2=1.0).save(tmp_path / "bottleneck.json")
+    cal = Platt(0.5, -0.2)
+    (tmp_path / "cec_pipeline.json").write_text(json.dumps({
+        "base_model": str(tmp_path / "model"), "concept_set": str(tmp_path / "concepts.json"), "threshold": 0.3,
+        "label_stage": "linear", "bottleneck": "bottleneck.json", "calibration": cal.to_json(), "k": 3}))
+    torch.set_num_threads(1)
+    pipe = CECPipeline.load(tmp_path)
+    note = "Fever and chills. High blood pressure.\n"
+    result = pipe.code_note(note)
+    expected = cal(pipe.bottleneck.probs(result.concept_probs))
+    by_code = {c["code"]: c for c in result.codes}
+    for j, code in enumerate(cs.codes):
+        c = by_code[code]
+        assert c["probability"] == pytest.approx(float(expected[j]), abs=1e-6)
+        assert c["predicted"] == (c["probability"] >= 0.3)
+        assert 0 < len(c["evidence"]) <= 3 and all(e["role"] == "own" and "contribution" in e for e in c["evidence"])
+        contributions = [e["contribution"] for e in c["evidence"]]
+        assert contributions == sorted(contributions, reverse=True)
+    assert result.timing["questions"] == len(pipe.concept_questions)
+    # a linear stage without its weights file is one clear error
+    (tmp_path / "cec_pipeline.json").write_text(json.dumps({
+        "base_model": str(tmp_path / "model"), "concept_set": str(tmp_path / "concepts.json"),
+        "label_stage": "linear"}))
+    with pytest.raises(DataError, match="no bottleneck file"):
+        CECPipeline.load(tmp_path)
+    (tmp_path / "cec_pipeline.json").write_text(json.dumps({"label_stage": "tree"}))
+    with pytest.raises(DataError, match="label_stage"):
+        CECPipeline.load(tmp_path)
