@@ -126,7 +126,7 @@ def evidence_weights(pipe, result, code_index: int) -> dict[int, float]:
 
 def stage2_is_llm(pipe) -> bool:
     """Whether stage 2 is the label LLM, whose own question also reads the note (then its drop counts too)."""
-    return getattr(pipe, "label_scorer", None) is not None
+    return getattr(pipe.config, "label_stage", "llm") == "llm"
 
 
 def attribute(pipe, text: str, result, code_indices: list[int], spans=None):
