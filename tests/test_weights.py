@@ -163,7 +163,7 @@ def test_corrupt_gguf(tmp_path):
     with pytest.raises(WeightsError, match="cannot read GGUF file"):
         resolve(tmp_path / "bad.gguf")
     (tmp_path / "bad.gguf").write_bytes(b"not a gguf at all")
-    with pytest.raises(WeightsError, match="cannot read GGUF file"):
+    with pytest.raises(WeightsError, match=r"bad\.gguf: not a GGUF file \(it does not start with the GGUF magic"):
         resolve(tmp_path / "bad.gguf")
 
 
