@@ -117,8 +117,13 @@ def code_question_drops(pipe, text: str, result, code_indices: list[int], spans)
 
 
 def evidence_weights(pipe, result, code_index: int) -> dict[int, float]:
-    """The weight of each concept in code `code_index`'s (index into pipe.cs.codes) answer: 1.0 for each of its
-    own concepts shown to stage 2 and answered Yes. The one place that says how concepts weigh in a code."""
+    """The weight of each concept in code `code_index`'s (index into pipe.cs.codes) answer: the linear stage's
+    coefficients, or with the label LLM 1.0 for each of its own concepts shown to stage 2 and answered Yes. The
+    one place that says how concepts weigh in a code."""
+    if getattr(pipe, "bottleneck", None) is not None:
+        # linear stage 2: the code's logit moves by sum_i coef_i * (drop of concept i's logit), so the sentence
+        # score is the drop of the code's own logit (exact while no concept logit reaches the clip)
+        return pipe.bottleneck.coefficients(result.concept_probs, code_index)
     own = set(pipe.cs.concept_ids(pipe.cs.codes[code_index]))
     yes = result.concept_probs >= pipe.config.concept_threshold
     return {i: 1.0 for i in shown(pipe, result)[code_index] if i in own and bool(yes[i])}

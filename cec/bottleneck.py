@@ -60,16 +60,20 @@ class Bottleneck:
     def probs(self, concept_p) -> torch.Tensor:
         return torch.sigmoid(self.logits(concept_p)).float()
 
+    def coefficients(self, concept_p, j: int) -> dict[int, float]:
+        """Concept id -> d(code j's logit) / d(its x_i) at these probabilities (the max term goes to the argmax)."""
+        x = concept_logits(concept_p)
+        own, leaf = self.own[j], self.leaf[j] or self.own[j]
+        out = {i: float(self.weights[j][n]) + self.pooled[1] / len(own) for n, i in enumerate(own)}
+        for i in leaf:
+            out[i] += self.pooled[0] / len(leaf)
+        out[own[int(torch.argmax(x[own]))]] += self.pooled[2]
+        return out
+
     def contributions(self, concept_p, j: int) -> dict[int, float]:
         """Concept id -> its term of code j's logit (the terms and the bias sum to the logit)."""
         x = concept_logits(concept_p)
-        own, leaf = self.own[j], self.leaf[j] or self.own[j]
-        out = {i: float(x[i]) * (float(self.weights[j][n]) + self.pooled[1] / len(own)) for n, i in enumerate(own)}
-        for i in leaf:
-            out[i] += float(x[i]) * self.pooled[0] / len(leaf)
-        top = own[int(torch.argmax(x[own]))]
-        out[top] += float(x[top]) * self.pooled[2]
-        return out
+        return {i: float(x[i]) * c for i, c in self.coefficients(concept_p, j).items()}
 
     # -- fitting ------------------------------------------------------------------------------------------
     @classmethod

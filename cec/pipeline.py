@@ -222,6 +222,15 @@ class CECPipeline:
         config, folder = PipelineConfig.load(folder)
         if overrides.get("label_adapter") is not None and overrides.get("label_layout") is None:
             config.label_layout = None  # another label adapter brings its own layout
+        if overrides.get("label_adapter") and overrides.get("label_stage") is None:
+            overrides["label_stage"] = "llm"  # a label adapter is for the label LLM
+        if overrides.get("label_stage") not in (None, config.label_stage):
+            # the calibration and threshold were fitted for the pipeline's own stage 2
+            config.calibration = None
+            if overrides.get("threshold") is None:
+                print(f"[cec] stage 2 is {overrides['label_stage']}, not the pipeline's {config.label_stage}: its "
+                      f"calibration is off and its threshold {config.threshold} may not fit (--threshold)",
+                      file=sys.stderr)
         for k, v in overrides.items():
             if v is not None:
                 setattr(config, k, v)

@@ -319,7 +319,8 @@ def load_pipeline(args, rank: int = 0):
 
     overrides = dict(base_model=args.model, threshold=args.threshold, concept_threshold=args.concept_threshold,
                      k=args.k, sampling=args.sampling, concept_adapter=adapter(args.concept_adapter),
-                     label_adapter=adapter(args.label_adapter), label_layout=args.label_layout)
+                     label_adapter=adapter(args.label_adapter), label_layout=args.label_layout,
+                     label_stage=args.label_stage)
     concept_set = load_concept_set(args.concepts) if args.concepts else None
     return CECPipeline.load(args.pipeline, concept_set=concept_set, device=device, dtype=dtype, **overrides)
 
@@ -359,6 +360,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concepts", metavar="SET", help="concept set: shipped name or built JSON")
     p.add_argument("--concept-adapter", metavar="DIR", help="LoRA adapter of the concept stage ('none': base model)")
     p.add_argument("--label-adapter", metavar="DIR", help="LoRA adapter of the code stage ('none': base model)")
+    p.add_argument("--label-stage", choices=("llm", "linear"),
+                   help="stage 2: the label LLM (paper Sec. 3.4) or the linear concept bottleneck (default: the "
+                        "pipeline's; a --label-adapter implies llm)")
     p.add_argument("--threshold", type=probability, metavar="P", help="code threshold (default: the pipeline's, tuned on dev)")
     p.add_argument("--concept-threshold", type=probability, metavar="P", help="concept threshold (default: the pipeline's)")
     p.add_argument("--k", type=positive_int, metavar="N", help="concepts of a code's own set shown to the code stage")
@@ -390,7 +394,11 @@ def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
                           "pipeline was trained on, and exit")
     p.add_argument("--out", metavar="JSONL", help="batch mode: predictions JSONL (resumed if it exists)")
     p.add_argument("--format", choices=("table", "json"), default="table", help="output for one note")
-    p.add_argument("--html", metavar="FILE", help="also write an HTML report with each code's evidence")
+    p.add_argument("--html", metavar="FILE", help="also write an HTML report with each code's evidence (implies "
+                                                   "--explain)")
+    p.add_argument("--explain", action="store_true",
+                   help="add the note sentences behind each predicted code (spans) and each evidence concept "
+                        "(sentence), found by hiding each sentence from the model's questions (cec.attribution)")
     p.add_argument("--only-predicted", action="store_true", help="output only the codes at or above the threshold")
     p.add_argument("--no-text", action="store_true",
                    help="leave the note and the code descriptions out of the output (see --list-codes)")
@@ -473,6 +481,21 @@ def run(args) -> None:
     name = None if note_arg == "-" else Path(note_arg).name
     result = pipeline.code_note(text, name)
     doc = note_json(result, text, pipeline, **output_shape(args))
+    full = note_json(result, text, pipeline) if args.html else None
+    if args.explain or args.html:
+        from cec.attribution import add_evidence
+
+        for d in filter(None, (doc, full)):  # the spans are computed once, copied into the report's doc
+            if d is doc:
+                add_evidence(d, pipeline, text, result)
+            else:
+                spans = {c["code"]: c for c in doc["codes"] if c.get("predicted")}
+                for c in d["codes"]:
+                    if c["code"] in spans:
+                        c["spans"] = spans[c["code"]].get("spans", [])
+                        sentences = {e["concept"]: e.get("sentence") for e in spans[c["code"]]["evidence"]}
+                        for e in c["evidence"]:
+                            e["sentence"] = sentences.get(e["concept"])
     if args.format == "json":
         print(json.dumps(doc, ensure_ascii=False, indent=2))
     else:
@@ -480,7 +503,7 @@ def run(args) -> None:
     if args.html:
         from cec.report import write_report
 
-        write_report(args.html, note_json(result, text, pipeline),
+        write_report(args.html, full,
                      concept_threshold=pipeline.config.concept_threshold, note_id=name)
         print(f"[cec] wrote {args.html}", file=sys.stderr)
 
