@@ -104,17 +104,24 @@ def test_shipped_pipeline_codes_a_note(ours):
         assert rel and (folder / rel).is_dir(), rel
     _, meta = load_adapter(share_base(model), folder / config.direct_adapter)
     assert meta["stage"] == "direct"
-    pipe = CECPipeline.load(model=share_base(model), tokenizer=tokenizer)  # the fixture's model stays unadapted
-    assert pipe.layout == (config.label_layout or trained_layout(folder / config.label_adapter))
-
-    result = pipe.code_note(CLINICAL_NOTE)
-    cs = pipe.cs
-    assert sorted(c["code"] for c in result.codes) == sorted(cs.codes)
-    texts = {c.text: c.id for c in cs.concepts}
-    for c in result.codes:
-        assert 0.0 <= c["probability"] <= 1.0
-        assert c["predicted"] == (c["probability"] >= config.threshold)
-        shown = [texts[e["concept"]] for e in c["evidence"]]
-        own = set(cs.concept_ids(c["code"]))
-        assert len(shown) <= config.k + config.m and len(set(shown) & own) == min(config.k, len(own))
-    assert result.timing["questions"] == len(cs.concepts) + len(cs.codes)
+    assert config.label_stage == "linear" and (folder / config.bottleneck).is_file()
+    for stage in ("linear", "llm"):  # the default stage 2, and the label LLM it replaced
+        pipe = CECPipeline.load(model=share_base(model), tokenizer=tokenizer,  # the fixture's model stays unadapted
+                                label_stage=stage, threshold=config.threshold)
+        assert pipe.layout == (config.label_layout or trained_layout(folder / config.label_adapter))
+        assert (pipe.calibration is not None) == (stage == "linear")
+        result = pipe.code_note(CLINICAL_NOTE)
+        cs = pipe.cs
+        assert sorted(c["code"] for c in result.codes) == sorted(cs.codes)
+        texts = {c.text: c.id for c in cs.concepts}
+        for c in result.codes:
+            assert 0.0 <= c["probability"] <= 1.0
+            assert c["predicted"] == (c["probability"] >= config.threshold)
+            shown = [texts[e["concept"]] for e in c["evidence"]]
+            own = set(cs.concept_ids(c["code"]))
+            if stage == "linear":  # the code's own concepts with the largest terms of its logit
+                assert set(shown) <= own and len(shown) == min(config.k, len(own))
+            else:
+                assert len(shown) <= config.k + config.m and len(set(shown) & own) == min(config.k, len(own))
+        extra = len(cs.codes) if stage == "llm" else 0
+        assert result.timing["questions"] == len(cs.concepts) + extra
