@@ -25,6 +25,8 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=3, help="notes to code (default: %(default)s)")
     ap.add_argument("--label-adapter", help="another code-stage adapter (its layout comes with it)")
     ap.add_argument("--label-layout", choices=("paper", "compact"), help="override the pipeline's code-stage layout")
+    ap.add_argument("--label-stages", nargs="+", choices=("llm", "linear"),
+                    help="stage-2 variants timed in this one run on the same loaded model (default: the pipeline's)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", metavar="FILE", help="also write the JSON here")
@@ -39,26 +41,35 @@ def main(argv=None) -> None:
         notes = read_notes(args.notes)[: args.n]
     else:
         notes = [{"id": "example", "text": (RESOURCES / "example_note.txt").read_text()}]
+    from cec.pipeline import DEFAULT_PIPELINE, PipelineConfig, resolve_beside, share_base
+    from cec.weights import load_model
+
     t = time.perf_counter()
-    pipe = CECPipeline.load(args.pipeline, device=args.device, label_layout=args.label_layout,
-                           label_adapter=str(Path(args.label_adapter).resolve()) if args.label_adapter else None)
+    config, folder = PipelineConfig.load(args.pipeline or DEFAULT_PIPELINE)
+    model, tokenizer = load_model(resolve_beside(folder, config.base_model), device=args.device)
     load_s = time.perf_counter() - t
-    pipe.code_note(notes[0]["text"][:400], "warmup")  # first-call allocations out of the figures
-    rows = []
-    for note in notes:
-        r = pipe.code_note(note["text"], note.get("id"))
-        cs, ls = pipe.concept_scorer.stats, pipe.label_scorer.stats
-        rows.append({"id": note.get("id"), "seconds": r.timing["seconds"],
-                     "concept_seconds": r.timing["concept_seconds"], "label_seconds": r.timing["label_seconds"],
-                     "prefix_tokens": cs.prefix_tokens, "concept_questions": cs.questions,
-                     "concept_question_tokens": cs.question_tokens, "code_questions": ls.questions,
-                     "code_question_tokens": ls.question_tokens})
-        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    out = {"pipeline": str(args.pipeline or "default"), "label_layout": pipe.layout, "device": args.device,
-           "threads": torch.get_num_threads(), "load_seconds": round(load_s, 2), "notes": rows,
-           "median_seconds": statistics.median(r["seconds"] for r in rows),
-           "median_concept_seconds": statistics.median(r["concept_seconds"] for r in rows),
-           "median_label_seconds": statistics.median(r["label_seconds"] for r in rows)}
+    out = {"pipeline": str(args.pipeline or "default"), "device": args.device, "threads": torch.get_num_threads(),
+           "load_seconds": round(load_s, 2), "stages": {}}
+    for stage in args.label_stages or [config.label_stage]:
+        pipe = CECPipeline.load(folder, model=share_base(model), tokenizer=tokenizer, label_stage=stage,
+                                threshold=config.threshold, label_layout=args.label_layout,
+                                label_adapter=str(Path(args.label_adapter).resolve()) if args.label_adapter else None)
+        pipe.code_note(notes[0]["text"][:400], "warmup")  # first-call allocations out of the figures
+        rows = []
+        for note in notes:
+            pipe.label_scorer.stats = type(pipe.label_scorer.stats)()  # a linear stage asks no code questions
+            r = pipe.code_note(note["text"], note.get("id"))
+            cs, ls = pipe.concept_scorer.stats, pipe.label_scorer.stats
+            rows.append({"id": note.get("id"), "seconds": r.timing["seconds"],
+                         "concept_seconds": r.timing["concept_seconds"], "label_seconds": r.timing["label_seconds"],
+                         "prefix_tokens": cs.prefix_tokens, "concept_questions": cs.questions,
+                         "concept_question_tokens": cs.question_tokens, "code_questions": ls.questions,
+                         "code_question_tokens": ls.question_tokens})
+            print(json.dumps({"stage": stage, **rows[-1]}), file=sys.stderr, flush=True)
+        out["stages"][stage] = {"label_layout": pipe.layout, "notes": rows,
+                                "median_seconds": statistics.median(r["seconds"] for r in rows),
+                                "median_concept_seconds": statistics.median(r["concept_seconds"] for r in rows),
+                                "median_label_seconds": statistics.median(r["label_seconds"] for r in rows)}
     text = json.dumps(out, indent=1)
     print(text)
     if args.json:
