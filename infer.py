@@ -3,7 +3,7 @@
 The command is cec/commands/infer.py (installed as `cec-code`); this file keeps `python infer.py` working.
 
     python infer.py --note note.txt                       # the shipped pipeline; a table on stdout
-    python infer.py --note note.txt --format json         # the JSON contract (cec/output.py)
+    python infer.py --note note.txt --format json         # the JSON contract (cec/coding/output.py)
     python infer.py --notes notes.jsonl --out preds.jsonl # batch, resumable
     python infer.py --list-codes                          # what the pipeline codes
 """

@@ -4,7 +4,10 @@ setup(
     name="cec-engine",
     version="0.1.0",
     description="Concept-Enhanced Coding (CEC) of clinical notes with ICD codes, on a hand-written PyTorch engine",
-    packages=find_packages(include=["cec", "cec.*", "kernels", "kernels.*"]),
+    # The top-level kernels/ folder installs as `cec_kernels`, so it neither shadows nor is shadowed by another
+    # distribution's `kernels` (the Hub's kernels package, used optionally by transformers, installs that name).
+    packages=find_packages(include=["cec", "cec.*"]) + ["cec_kernels"],
+    package_dir={"cec_kernels": "kernels"},
     package_data={"cec": ["resources/**/*", "resources/*"]},
     python_requires=">=3.10",
     install_requires=[
@@ -44,7 +47,7 @@ setup(
             "protobuf",
             "httpx",  # tests/test_serve.py calls the real server
         ],
-        # cec.baselines (TF-IDF + logistic regression) imports it lazily; nothing else needs it at runtime.
+        # cec.evaluation.baselines (TF-IDF + logistic regression) imports it lazily; nothing else needs it at runtime.
         "baselines": ["scikit-learn"],
     },
 )

@@ -269,7 +269,7 @@ def serve(args) -> None:
     import uvicorn
 
     from cec.commands.infer import load_pipeline, note_language
-    from cec.output import code_set_doc, note_json
+    from cec.coding.output import code_set_doc, note_json
 
     if not is_loopback(args.host) and not args.token and not args.insecure:
         raise ConfigError(f"--host {args.host} is reachable from other machines: give --token (or "

@@ -4,8 +4,8 @@ One program handles BLOCK_N hidden rows: a first pass over H sums the squares, a
 accumulates its dot products with every answer row, so the normed hidden never goes to memory and no
 full-vocabulary logits exist. Everything is computed in fp32 after each load; where the model runs in 16-bit the
 kernel rounds where HF's reference rounds (the normed hidden, Llama's weight product, the logits, each soft-cap
-step), so bf16 scores agree with `cec.heads.yes_no_scores_reference` to within accumulation order.
-The reference lives in `cec/heads.py`; tests compare the two under TRITON_INTERPRET=1.
+step), so bf16 scores agree with `cec.engine.heads.yes_no_scores_reference` to within accumulation order.
+The reference lives in `cec/engine/heads.py`; tests compare the two under TRITON_INTERPRET=1.
 """
 import torch
 import triton
@@ -113,7 +113,7 @@ def yes_no_head(hidden: torch.Tensor, norm_weight: torch.Tensor, out_weight: tor
     out = torch.empty(n, dtype=torch.float32, device=hidden.device)
     if n == 0:
         return out
-    # HF's dtypes at each step (see cec.heads): 16-bit results are rounded where the reference rounds them
+    # HF's dtypes at each step (see cec.engine.heads): 16-bit results are rounded where the reference rounds them
     norm_dtype = hidden.dtype if not llama_norm else torch.promote_types(hidden.dtype, norm_weight.dtype)
     logit_dtype = torch.promote_types(norm_dtype, out_weight.dtype)
     block_k = max(2, triton.next_power_of_2(n_ids))

@@ -52,7 +52,7 @@ def main():
     ap.add_argument("--skip-hf", action="store_true", help="time ours only")
     args = ap.parse_args()
 
-    import cec.weights as W
+    import cec.engine.weights as W
 
     with tempfile.TemporaryDirectory() as cache:  # first load: an empty cache, so the GGUF is converted
         os.environ["CEC_CACHE"] = cache

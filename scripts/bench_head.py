@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 from cec.cli import user_errors  # noqa: E402
 from cec.errors import ConfigError  # noqa: E402
-from cec.heads import YesNoHead, rms_norm, use_kernel, yes_no_scores  # noqa: E402
+from cec.engine.heads import YesNoHead, rms_norm, use_kernel, yes_no_scores  # noqa: E402
 from cec.io import atomic_write_json  # noqa: E402
 
 FAMILIES = {"llama": (True, 0.0, None), "gemma": (False, 1.0, None), "gemma2": (False, 1.0, 30.0)}

@@ -33,7 +33,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     from cec.data import read_notes
-    from cec.pipeline import RESOURCES, CECPipeline
+    from cec.coding.pipeline import RESOURCES, CECPipeline
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -41,8 +41,8 @@ def main(argv=None) -> None:
         notes = read_notes(args.notes)[: args.n]
     else:
         notes = [{"id": "example", "text": (RESOURCES / "example_note.txt").read_text()}]
-    from cec.pipeline import DEFAULT_PIPELINE, PipelineConfig, resolve_beside, share_base
-    from cec.weights import load_model
+    from cec.coding.pipeline import DEFAULT_PIPELINE, PipelineConfig, resolve_beside, share_base
+    from cec.engine.weights import load_model
 
     t = time.perf_counter()
     config, folder = PipelineConfig.load(args.pipeline or DEFAULT_PIPELINE)

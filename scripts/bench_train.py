@@ -24,10 +24,10 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cec import prompts  # noqa: E402
-from cec.cache import head_for  # noqa: E402
-from cec.lora import inject_lora  # noqa: E402
-from cec.trainer import pack_questions, pack_scores  # noqa: E402
+from cec.coding import prompts  # noqa: E402
+from cec.engine.cache import head_for  # noqa: E402
+from cec.engine.lora import inject_lora  # noqa: E402
+from cec.training.trainer import pack_questions, pack_scores  # noqa: E402
 
 CODIESP = ROOT.parent / "shared" / "data" / "codiesp" / "train" / "text_files_en"
 FALLBACK = (
@@ -53,7 +53,7 @@ def pick_notes(tok, n: int, target: int) -> list[str]:
 
 
 def concept_texts(seed: int) -> list[str]:
-    from cec.concepts import load_concept_set
+    from cec.coding.concepts import load_concept_set
 
     cs = load_concept_set("codiesp-d50")
     texts = [c.text for c in cs.concepts]
@@ -76,7 +76,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    from cec.weights import default_dtype, load_model
+    from cec.engine.weights import default_dtype, load_model
 
     device = torch.device(args.device)
     dtype = default_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
@@ -84,7 +84,7 @@ def main():
     torch.manual_seed(args.seed)
     inject_lora(model, "all-linear", r=32, alpha=32, dropout=0.0)
     if args.gradient_checkpointing:
-        from cec.trainer import enable_gradient_checkpointing
+        from cec.training.trainer import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(model)
     model.train()

@@ -23,11 +23,11 @@ import sys
 from pathlib import Path
 
 from cec.cli import user_errors
-from cec.concepts import (DEFAULT_GAMMA, ChatCompletionsBackend, LocalModelBackend, build_concept_set,
+from cec.coding.concepts import (DEFAULT_GAMMA, ChatCompletionsBackend, LocalModelBackend, build_concept_set,
                           code_entries, generate_candidates, read_candidates)
 from cec.data import read_text_file
 from cec.errors import DataError
-from cec.icd import code_system
+from cec.coding.icd import code_system
 from cec.io import prepare_output
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from cec.cli import user_errors
-from cec.concepts import load_concept_set
+from cec.coding.concepts import load_concept_set
 from cec.data import read_notes
 from cec.errors import DataError
 

@@ -1,4 +1,4 @@
-"""Two-fold dev protocol (cec.crossfit) over the notes scored in an evaluation score cache.
+"""Two-fold dev protocol (cec.evaluation.crossfit) over the notes scored in an evaluation score cache.
 
     python scripts/evaluate.py ... --cache runs/eval/codiesp.scores.jsonl     # scores notes (resumable)
     python scripts/crossfit_eval.py --notes runs/codiesp/dev.jsonl --train runs/codiesp/train.jsonl \\
@@ -20,15 +20,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cec.bottleneck import Bottleneck  # noqa: E402
-from cec.calibration import Platt  # noqa: E402
+from cec.coding.bottleneck import Bottleneck  # noqa: E402
+from cec.coding.calibration import Platt  # noqa: E402
 from cec.cli import user_errors  # noqa: E402
-from cec.crossfit import bottleneck_system, halves, score_system, two_fold  # noqa: E402
+from cec.evaluation.crossfit import bottleneck_system, halves, score_system, two_fold  # noqa: E402
 from cec.data import read_notes  # noqa: E402
 from cec.errors import DataError  # noqa: E402
-from cec.evaluation import CONCEPTS, ScoreCache, System, fingerprints, leaf_view, resolve_setup  # noqa: E402
+from cec.evaluation.score_cache import ScoreCache  # noqa: E402
+from cec.evaluation.systems import CONCEPTS, System, fingerprints, leaf_view, resolve_setup  # noqa: E402
 from cec.io import atomic_write_json, atomic_write_text  # noqa: E402
-from cec.metrics import label_matrix, tune_threshold  # noqa: E402
+from cec.evaluation.metrics import label_matrix, tune_threshold  # noqa: E402
 
 LLM_SYSTEMS = [System("cec-k5", "cec", 5), System("direct-ft", "direct-ft"), System("direct", "direct")]
 
@@ -65,7 +66,7 @@ def main(argv=None):
     rows = {}  # name -> (system fn, notes mask)
     everyone = np.ones(len(notes), dtype=bool)
     if args.train:
-        from cec.evaluation import tfidf_scores
+        from cec.evaluation.systems import tfidf_scores
 
         train = read_notes(args.train)
         tfidf_cache = ScoreCache(Path(args.cache).with_suffix(".tfidf.jsonl"))

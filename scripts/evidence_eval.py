@@ -1,12 +1,12 @@
-"""Evidence a coder can check: model sentence attribution (cec.attribution) against CodiEsp-X gold, as JSON.
+"""Evidence a coder can check: model sentence attribution (cec.coding.attribution) against CodiEsp-X gold, as JSON.
 
     python scripts/evidence_eval.py --src ../shared/data/codiesp --dev runs/codiesp/dev.jsonl --max-notes 20
 
-1. Gold: each Spanish note is cut into sentences, aligned to its English lines (cec.align, Gale-Church 1-1/1-2/2-1)
+1. Gold: each Spanish note is cut into sentences, aligned to its English lines (cec.evaluation.align, Gale-Church 1-1/1-2/2-1)
    and each CodiEsp-X mention of a CodiEsp-D50 code mapped to the English line(s) of its span. On all dev notes.
 2. Ranking: for every gold (note, code) of CodiEsp-D50 in the first --max-notes notes with one, the note's
    sentences are ranked for the code, whether or not it was predicted: by our attribution, by BM25 (today's
-   report: cec.report's tokens, the code description and its Yes concepts as the query, ties in note order), by
+   report: cec.coding.report's tokens, the code description and its Yes concepts as the query, ties in note order), by
    a random ranking (its expected hit@k, exactly) and by note order. hit@k: a gold sentence in the top k.
 3. Faithfulness: for the note's most probable predicted code, the note is coded again (stage 1 whole, stage 2 for
    that code) without its top sentence and without a random sentence; the drops of P(code) and of its logit.
@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from cec.align import align, map_span, parse_offsets
-from cec.attribution import attribute, evidence_weights, note_sentences
+from cec.evaluation.align import align, map_span, parse_offsets
+from cec.coding.attribution import attribute, evidence_weights, note_sentences
 from cec.data import read_codes
 from cec.io import atomic_write_json
-from cec.report import sentence_spans, tokens
+from cec.coding.report import sentence_spans, tokens
 
 
 def load_gold(src: Path, notes: list[dict], codes: list[str], show: int = 0) -> tuple[dict, dict]:
@@ -86,8 +86,8 @@ def random_hit(n: int, g: int, k: int) -> float:
 def recode_score(pipe, text: str, j: int, note_id: str, concept_p=None) -> float:
     """The logit of P(code j) for `text`, coded as code_note codes it (stage 1 whole unless concept_p is given,
     stage 2 for code j only)."""
-    from cec import prompts
-    from cec.pipeline import shown_concepts
+    from cec.coding import prompts
+    from cec.coding.pipeline import shown_concepts
 
     text = pipe.fit_note(text)
     if concept_p is None:
@@ -139,7 +139,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     notes = [json.loads(line) for line in args.dev.read_text(encoding="utf-8").splitlines() if line.strip()]
-    from cec.pipeline import CECPipeline
+    from cec.coding.pipeline import CECPipeline
 
     pipe = CECPipeline.load(args.pipeline)
     codes = list(pipe.cs.codes)

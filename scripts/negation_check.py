@@ -111,7 +111,7 @@ def main(argv=None):
     ap.add_argument("--label-stage", choices=("llm", "linear"), help="override the pipeline's stage 2")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    from cec.pipeline import CECPipeline
+    from cec.coding.pipeline import CECPipeline
 
     torch.set_num_threads(args.threads)
     pipe = CECPipeline.load(args.pipeline, label_stage=args.label_stage)

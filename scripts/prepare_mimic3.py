@@ -54,7 +54,7 @@ from tqdm import tqdm
 from cec.cli import user_errors
 from cec.data import read_codes, read_text_file, write_codes, write_notes
 from cec.errors import DataError
-from cec.icd import mimic_code
+from cec.coding.icd import mimic_code
 from cec.io import prepare_output
 
 log = logging.getLogger("prepare_mimic3")
@@ -133,7 +133,7 @@ def check_tables(tables: dict[Path, tuple[str, ...]]):
 
 
 def dotted_code(path: Path, lineno: int, code: str, version, is_diag: bool) -> str:
-    """cec.icd.mimic_code, with the file and line of a code that is not one."""
+    """cec.coding.icd.mimic_code, with the file and line of a code that is not one."""
     try:
         return mimic_code(code, version, is_diag)
     except DataError as e:

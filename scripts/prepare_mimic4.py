@@ -14,7 +14,7 @@ were); the input files are only read, and nothing is written beside them.
 As Edin et al. build MIMIC-IV (medical-coding-reproducibility, prepare_data/prepare_mimiciv.py and utils.py):
 - an admission's note is its discharge.csv text; empty texts and exact repeats are dropped;
 - codes are icd_code read as strings (leading zeros kept: 0389 -> 038.9, 0040 -> 00.40) and dotted per code system
-  by cec.icd.mimic_code: ICD-9-CM diagnoses after 3 characters (4 for E codes), ICD-9-CM procedures after 2,
+  by cec.coding.icd.mimic_code: ICD-9-CM diagnoses after 3 characters (4 for E codes), ICD-9-CM procedures after 2,
   ICD-10-CM after 3, ICD-10-PCS none (0DTJ4ZZ). The ICD-9 sets take the icd_version 9 rows of both tables, the
   ICD-10 sets the version 10 rows; a code repeated within an admission counts once;
 - full: the codes of at least 10 admissions (--min-count) of the set; admissions left without a code are dropped

@@ -23,11 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cec.cache import PrefixScorer, batches_by_length, head_for, score_naive  # noqa: E402
+from cec.engine.cache import PrefixScorer, batches_by_length, head_for, score_naive  # noqa: E402
 from cec.cli import user_errors  # noqa: E402
-from cec.config import ModelConfig  # noqa: E402
+from cec.engine.config import ModelConfig  # noqa: E402
 from cec.io import atomic_write_json  # noqa: E402
-from cec.model import Transformer  # noqa: E402
+from cec.engine.model import Transformer  # noqa: E402
 
 RANDOM_CONFIGS = {  # real shapes, random weights, for GPU timing
     "llama3-8b": {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
@@ -232,7 +232,7 @@ def load(args, device, dtype):
                 if p.dim() == 2:
                     p.normal_(0.0, 0.02)
         return model.eval()
-    from cec.weights import load_model
+    from cec.engine.weights import load_model
 
     model, _ = load_model(args.model, device=str(device), dtype=dtype)
     return model.eval()

@@ -100,7 +100,7 @@ def generate_notes(n: int, seed: int = 0) -> list[dict]:
 
 # -- a tiny random pipeline --------------------------------------------------------------------------------
 def tiny_concept_set():
-    from cec.concepts import Concept, ConceptSet
+    from cec.coding.concepts import Concept, ConceptSet
 
     texts, levels, ids = [], {}, {"parent": {}, "leaf": {}}
     for code, (_, _, parents, leaves, _) in CODES.items():
@@ -117,8 +117,8 @@ def tiny_concept_set():
 
 def tiny_tokenizer(vocab_size: int = 1024):
     """Byte-level BPE learned from the prompt templates, the concept set and generated notes."""
-    from cec import prompts
-    from cec.tokenizer import train_byte_bpe
+    from cec.coding import prompts
+    from cec.engine.tokenizer import train_byte_bpe
 
     templates = [prompts.CONCEPT_INSTRUCTION, prompts.CONCEPT_QUESTION, prompts.LABEL_INSTRUCTION,
                  prompts.LABEL_CONCEPTS_INTRO, prompts.LABEL_CONCEPT_LINE, prompts.LABEL_QUESTION,
@@ -144,9 +144,9 @@ def write_tiny_model(folder: str | Path, seed: int = 0, tokenizer=None, **config
     import torch
     from safetensors.torch import save
 
-    from cec.config import ModelConfig
+    from cec.engine.config import ModelConfig
     from cec.io import atomic_write_bytes, atomic_write_json
-    from cec.model import Transformer
+    from cec.engine.model import Transformer
 
     folder = Path(folder)
     tok = tokenizer or tiny_tokenizer()
@@ -168,7 +168,7 @@ def write_tiny_model(folder: str | Path, seed: int = 0, tokenizer=None, **config
 def write_tiny_pipeline(folder: str | Path, seed: int = 0, max_note_tokens: int = 256, tokenizer=None) -> Path:
     """A pipeline folder: model/ (tiny random Gemma 3), concepts.json (CODES), cec_pipeline.json (absolute
     paths); no adapters."""
-    from cec.pipeline import PipelineConfig
+    from cec.coding.pipeline import PipelineConfig
 
     folder = Path(folder).resolve()
     write_tiny_model(folder / "model", seed=seed, tokenizer=tokenizer)

@@ -22,7 +22,7 @@ $PY train.py --stage label "${common[@]}" --label-layout compact --init-adapter 
 $PY train.py --stage direct "${common[@]}" --steps "$DIRECT_STEPS" --out "$OUT/direct"
 $PY - "$OUT" "$MODEL" <<'PYEOF'
 import sys
-from cec.pipeline import PipelineConfig
+from cec.coding.pipeline import PipelineConfig
 out, model = sys.argv[1], sys.argv[2]
 PipelineConfig(base_model=model, concept_adapter="concept", label_adapter="label-compact", direct_adapter="direct").save(out)
 PYEOF

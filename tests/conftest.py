@@ -7,7 +7,7 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 if not torch.cuda.is_available():
     # Triton reads this when it is first imported (some test dependencies import it early): kernels then run
-    # interpreted on CPU tensors. CPU callers of cec.heads still take the reference unless CEC_TRITON_INTERPRET=1.
+    # interpreted on CPU tensors. CPU callers of cec.engine.heads still take the reference unless CEC_TRITON_INTERPRET=1.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 def pytest_configure(config):

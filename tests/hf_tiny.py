@@ -1,8 +1,8 @@
 """Tiny random HF models of each family, built locally (no download), and ours with the same weights."""
 import torch
 
-from cec.config import ModelConfig
-from cec.model import Transformer
+from cec.engine.config import ModelConfig
+from cec.engine.model import Transformer
 
 FAMILIES = ["llama", "llama3_scaled", "gemma", "gemma2", "gemma3"]
 

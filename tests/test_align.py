@@ -1,5 +1,5 @@
-"""Gale-Church alignment and CodiEsp-X offsets (cec.align)."""
-from cec.align import align, map_span, parse_offsets
+"""Gale-Church alignment and CodiEsp-X offsets (cec.evaluation.align)."""
+from cec.evaluation.align import align, map_span, parse_offsets
 
 
 def test_equal_lengths_align_one_to_one():
@@ -36,8 +36,8 @@ def test_offsets_and_mapping_onto_target_sentences():
 
 def test_codiesp_dev_gold_maps_onto_english_lines(shared_dir):
     """Every dev note aligns; a sample mention lands on the English line that translates it."""
-    from cec.attribution import note_sentences
-    from cec.report import sentence_spans
+    from cec.coding.attribution import note_sentences
+    from cec.coding.report import sentence_spans
 
     dev = shared_dir / "data" / "codiesp" / "dev"
     es = (dev / "text_files" / "S0004-06142005000900016-1.txt").read_text()
@@ -69,7 +69,7 @@ def test_random_ranking_hit_rate_is_exact():
 def test_bm25_ranks_by_the_code_words_ties_in_note_order():
     ev = load_eval()
     text = "No fever.\nBlood pressure 180/100 on arrival.\nHe smokes.\nHypertension treated with enalapril."
-    from cec.attribution import note_sentences
+    from cec.coding.attribution import note_sentences
 
     spans = note_sentences(text)
     assert set(ev.bm25_order(text, spans, "Essential (primary) hypertension high blood pressure")[:2]) == {1, 3}

@@ -1,11 +1,11 @@
-"""Hidden prefix ranges in shared-prefix scoring, and the sentence attribution built on them (cec.attribution)."""
+"""Hidden prefix ranges in shared-prefix scoring, and the sentence attribution built on them (cec.coding.attribution)."""
 import json
 
 import pytest
 import torch
 
-from cec.attribution import (add_evidence, drops, explain, fitted_spans, note_sentences, token_ranges)
-from cec.cache import PrefixScorer, head_for, score_naive
+from cec.coding.attribution import (add_evidence, drops, explain, fitted_spans, note_sentences, token_ranges)
+from cec.engine.cache import PrefixScorer, head_for, score_naive
 from hf_tiny import FAMILIES, hf_model, ours_from_hf
 
 TOL = 1e-4
@@ -108,7 +108,7 @@ def test_spans_cut_from_a_fitted_note_are_none():
 def pipe(tmp_path_factory):
     from tiny_train import save_tiny_model, tiny_concept_set
 
-    from cec.pipeline import CECPipeline
+    from cec.coding.pipeline import CECPipeline
 
     d = tmp_path_factory.mktemp("attr")
     save_tiny_model(d / "model", vocab_size=600)
@@ -124,7 +124,7 @@ NOTE = "Patient has fever and chills.\nHigh blood pressure on lisinopril.\nChron
 
 
 def test_code_scores_are_weighted_concept_drops_plus_the_code_question_drop(pipe):
-    from cec.attribution import attribute, code_question_drops, concept_drops, evidence_weights
+    from cec.coding.attribution import attribute, code_question_drops, concept_drops, evidence_weights
 
     result = pipe.code_note(NOTE)
     spans = note_sentences(NOTE)
@@ -140,8 +140,8 @@ def test_code_scores_are_weighted_concept_drops_plus_the_code_question_drop(pipe
 
 
 def test_concept_drops_equal_rescoring_with_the_sentence_masked(pipe):
-    from cec import prompts
-    from cec.attribution import concept_drops
+    from cec.coding import prompts
+    from cec.coding.attribution import concept_drops
 
     spans = note_sentences(NOTE)
     d = concept_drops(pipe, NOTE, [0, 5], spans)
@@ -156,7 +156,7 @@ def test_concept_drops_equal_rescoring_with_the_sentence_masked(pipe):
 
 
 def test_json_gets_spans_per_predicted_code_and_a_sentence_per_yes_concept(pipe):
-    from cec.attribution import evidence_weights
+    from cec.coding.attribution import evidence_weights
 
     pipe.config.threshold = 0.0  # every code predicted
     result = pipe.code_note(NOTE)

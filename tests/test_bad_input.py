@@ -44,10 +44,10 @@ def one_thread():
 def kit(tmp_path_factory):
     """A tiny pipeline (no adapters), another tiny base model (same layer names, other widths), adapters,
     notes, a stopped training run to resume, and small CodiEsp / MIMIC-III releases."""
-    from cec.concepts import ConceptSet
+    from cec.coding.concepts import ConceptSet
     from cec.data import write_notes
-    from cec.lora import inject_lora, save_adapter
-    from cec.weights import load_model
+    from cec.engine.lora import inject_lora, save_adapter
+    from cec.engine.weights import load_model
 
     d = tmp_path_factory.mktemp("bad_input")
     tok = soak.tiny_tokenizer()
@@ -546,8 +546,7 @@ def run_with_peak(tmp: Path, *args) -> tuple[int, str, str, float]:
 def test_huge_note_is_cut_to_the_token_budget_with_a_warning_in_bounded_memory(kit, tmp_path):
     """1M characters (about 1,500 notes' worth of sections) becomes a prefix of about max_note_tokens (128)
     tokens, with a warning; the peak memory stays within 300 MB of coding a short note."""
-    from cec import prompts
-
+    from cec.coding import prompts
     huge = "".join(n["text"] + "\n" for n in soak.generate_notes(2000, seed=3))[:1_000_000]
     (tmp_path / "huge.txt").write_text(huge)
     rc, out, err, huge_mb = run_with_peak(tmp_path, "--pipeline", kit.pipe, "--note", tmp_path / "huge.txt",

@@ -6,9 +6,9 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
 
-from cec.baselines import tfidf_logreg
+from cec.evaluation.baselines import tfidf_logreg
 from cec.errors import CECError, DataError
-from cec.metrics import evaluate, label_matrix, micro_f1
+from cec.evaluation.metrics import evaluate, label_matrix, micro_f1
 
 CODES = ["R50.9", "R05", "I10", "Z00"]
 KEYWORDS = {"R50.9": "fever", "R05": "cough", "I10": "hypertension"}  # Z00 never occurs in train

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from cec.bottleneck import Bottleneck, concept_logits
-from cec.calibration import Platt, expected_calibration_error
-from cec.crossfit import bottleneck_system, halves, score_system, two_fold
+from cec.coding.bottleneck import Bottleneck, concept_logits
+from cec.coding.calibration import Platt, expected_calibration_error
+from cec.evaluation.crossfit import bottleneck_system, halves, score_system, two_fold
 from cec.errors import DataError
 
 
@@ -33,7 +33,7 @@ def synthetic(cs, n=80, seed=0):
 def test_bottleneck_learns_the_signal_and_its_terms_sum_to_the_logit(cs):
     p, y = synthetic(cs)
     model = Bottleneck.fit(cs, p[:60], y[:60], l2=1.0)
-    from cec.metrics import micro_auc
+    from cec.evaluation.metrics import micro_auc
 
     assert micro_auc(y[60:], model.probs(p[60:]).numpy()) > 0.9
     z = model.logits(p[0])
@@ -70,7 +70,7 @@ def test_out_of_fold_predictions_never_see_their_note(cs):
 
 def test_l2_is_chosen_by_cross_validation(cs):
     p, y = synthetic(cs, n=24)
-    assert Bottleneck.fit(cs, p, y, folds=2).l2 in __import__("cec.bottleneck").bottleneck.L2_GRID
+    assert Bottleneck.fit(cs, p, y, folds=2).l2 in __import__("cec.coding.bottleneck").bottleneck.L2_GRID
 
 
 def test_concept_logits_are_clipped():
@@ -117,7 +117,7 @@ def test_two_fold_predicts_each_note_from_the_other_half(cs):
 def test_pipeline_with_a_linear_stage_2(cs, tmp_path):
     from tiny_train import save_tiny_model
 
-    from cec.pipeline import CECPipeline
+    from cec.coding.pipeline import CECPipeline
 
     save_tiny_model(tmp_path / "model")
     cs.save(tmp_path / "concepts.json")

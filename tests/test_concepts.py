@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from cec.concepts import (LEAF_INSTRUCTION, OUTPUT_FORMAT, PARENT_INSTRUCTION, ChatCompletionsBackend,
+from cec.coding.concepts import (LEAF_INSTRUCTION, OUTPUT_FORMAT, PARENT_INSTRUCTION, ChatCompletionsBackend,
                           ConceptSet, GeneratorError, LocalModelBackend, build_concept_set, build_prompt,
                           code_entries, dedup, generate_candidates, load_concept_set, parse_reply,
                           read_candidates, shipped_concept_sets, split_batches)
 from cec.errors import DataError
-from cec.icd import icd9cm
+from cec.coding.icd import icd9cm
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "cec" / "resources" / "concepts"
@@ -257,8 +257,8 @@ def tiny_model_folder(path: Path) -> Path:
     from safetensors.torch import save_file
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    from cec.config import ModelConfig
-    from cec.model import Transformer
+    from cec.engine.config import ModelConfig
+    from cec.engine.model import Transformer
 
     byte_vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
     vocab = {**byte_vocab, "<s>": 256, "</s>": 257}

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 
-from cec.concepts import Concept, ConceptSet
+from cec.coding.concepts import Concept, ConceptSet
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "concept_coverage.py"
@@ -96,7 +96,7 @@ def test_codiesp_coverage(shared_dir, tmp_path, capsys):
     (src / "train").symlink_to(shared_dir / "data" / "codiesp" / "train")
     runpy.run_path(str(ROOT / "scripts" / "prepare_codiesp.py"))["main"](["--src", str(src), "--out", str(tmp_path)])
     capsys.readouterr()
-    from cec.concepts import load_concept_set
+    from cec.coding.concepts import load_concept_set
     from cec.data import read_notes
 
     cs = load_concept_set("codiesp-d50")

@@ -100,7 +100,7 @@ def train_args(kit, out, *extra):
 def test_training_killed_with_sigkill_resumes_to_the_same_adapter(kit, tmp_path):
     from safetensors.torch import load_file
 
-    from cec.trainer import latest_checkpoints
+    from cec.training.trainer import latest_checkpoints
 
     full = tmp_path / "full"
     proc = run("train.py", *train_args(kit, full))
@@ -218,18 +218,18 @@ def write_with(name, kit, path: Path):
         cs.name = f"version {n}"
         cs.save(path)
     elif name == "pipeline_config":
-        from cec.pipeline import PipelineConfig
+        from cec.coding.pipeline import PipelineConfig
         PipelineConfig(threshold=n / 100).save(path)
     elif name == "report":
-        from cec.report import write_report
+        from cec.coding.report import write_report
         write_report(path, {"note": f"Fever, version {n}.", "code_system": "icd10cm", "threshold": 0.5, "codes": [],
                             "timing": {"prefix_tokens": 1, "questions": 1, "seconds": 0.1}})
     elif name == "tokenizer":
         tok = soak.tiny_tokenizer(300 + n)
         tok.save(path)
     elif name == "adapter":
-        from cec.lora import inject_lora, save_adapter
-        from cec.weights import load_model
+        from cec.engine.lora import inject_lora, save_adapter
+        from cec.engine.weights import load_model
         model, _ = load_model(kit.model)
         cfg = inject_lora(model, ["q_proj"], r=n, alpha=4)
         save_adapter(model, path, cfg)
@@ -279,7 +279,7 @@ def test_a_failed_rename_leaves_the_old_file_intact_and_no_temp_file(kit, tmp_pa
 
 def test_a_failed_checkpoint_rename_keeps_the_previous_checkpoint(kit, tmp_path, monkeypatch):
     import train
-    from cec.trainer import Trainer, latest_checkpoints
+    from cec.training.trainer import Trainer, latest_checkpoints
 
     out = tmp_path / "run"
     args = [str(a) for a in train_args(kit, out)]
@@ -306,10 +306,10 @@ def test_a_failed_checkpoint_rename_keeps_the_previous_checkpoint(kit, tmp_path,
 # cec.io.atomic_write_* (or add it here with the reason it cannot leave a half-written file behind).
 RAW_WRITES = {
     ("cec/io.py", "atomic_write_bytes"): "the temp file that os.replace then renames",
-    ("cec/trainer.py", "save_checkpoint"): "trainer_state.pt inside a temporary folder renamed whole",
-    ("cec/trainer.py", "_write_log"): "append-only JSONL; a line torn by a crash is dropped on resume",
-    ("cec/weights.py", "_write_safetensors"): "inside the temporary folder convert_gguf renames whole",
-    ("cec/evaluation.py", "put"): "append-only score cache; a torn last line is skipped when read",
+    ("cec/training/trainer.py", "save_checkpoint"): "trainer_state.pt inside a temporary folder renamed whole",
+    ("cec/training/trainer.py", "_write_log"): "append-only JSONL; a line torn by a crash is dropped on resume",
+    ("cec/engine/weights.py", "_write_safetensors"): "inside the temporary folder convert_gguf renames whole",
+    ("cec/evaluation/score_cache.py", "put"): "append-only score cache; a torn last line is skipped when read",
     ("cec/commands/infer.py", "__init__"): "LineWriter: one os.write per line, fsync; completed_ids cuts a torn last line",
     ("cec/commands/infer.py", "completed_ids"): "truncates a torn last line of its own format in place",
 }

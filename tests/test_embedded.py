@@ -43,7 +43,7 @@ MEDICAL_PARAGRAPH = (
 
 @pytest.fixture(scope="module")
 def ours():
-    from cec.weights import load_model
+    from cec.engine.weights import load_model
 
     return load_model("gemma3-270m")
 
@@ -53,7 +53,7 @@ def hf_reference():
     pytest.importorskip("accelerate", reason="transformers needs accelerate to read a GGUF file")
     from transformers import AutoModelForCausalLM
 
-    from cec.weights import embedded_gguf_path
+    from cec.engine.weights import embedded_gguf_path
 
     path = Path(embedded_gguf_path("gemma3-270m"))
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
@@ -95,8 +95,8 @@ def test_perplexity_on_medical_text(ours):
 def test_shipped_pipeline_codes_a_note(ours):
     """The shipped pipeline folder loads onto the embedded model (every adapter fits it and the concept set's
     codes), its label layout is the one its label adapter was trained with, and it codes a note with evidence."""
-    from cec.lora import load_adapter
-    from cec.pipeline import DEFAULT_PIPELINE, CECPipeline, PipelineConfig, share_base, trained_layout
+    from cec.engine.lora import load_adapter
+    from cec.coding.pipeline import DEFAULT_PIPELINE, CECPipeline, PipelineConfig, share_base, trained_layout
 
     model, tokenizer = ours
     config, folder = PipelineConfig.load(DEFAULT_PIPELINE)

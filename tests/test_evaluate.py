@@ -1,4 +1,4 @@
-"""scripts/evaluate.py and cec.evaluation on a tiny random model, a tiny concept set and invented notes."""
+"""scripts/evaluate.py and cec.evaluation.systems on a tiny random model, a tiny concept set and invented notes."""
 import importlib.util
 import json
 import math
@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from cec import evaluation, metrics, prompts
+from cec.evaluation import metrics, score_cache, systems as evaluation
+
+from cec.coding import prompts
 from cec.cli import user_errors
 from cec.data import write_notes
-from cec.pipeline import PIPELINE_FILE, CECPipeline, PipelineConfig
+from cec.coding.pipeline import PIPELINE_FILE, CECPipeline, PipelineConfig
 
 from tiny_train import CODES, random_lora_, save_tiny_model, tiny_concept_set, tiny_notes, tiny_tokenizer
 
@@ -37,9 +39,9 @@ def one_thread():
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """A pipeline folder (tiny llama, concept/label/direct adapters) and train/dev/test notes."""
-    from cec.lora import inject_lora, save_adapter
-    from cec.pipeline import share_base
-    from cec.weights import load_model
+    from cec.engine.lora import inject_lora, save_adapter
+    from cec.coding.pipeline import share_base
+    from cec.engine.weights import load_model
 
     root = tmp_path_factory.mktemp("evaluate")
     save_tiny_model(root / "model", "llama")
@@ -89,7 +91,7 @@ def cached_scores(path: Path, system: str, notes: list[dict]) -> np.ndarray:
         r = json.loads(line)
         if r["system"] == system:
             rows[(r["id"], r["text"])] = r["scores"]
-    return np.array([rows[(n["id"], evaluation.text_hash(n["text"]))] for n in notes])
+    return np.array([rows[(n["id"], score_cache.text_hash(n["text"]))] for n in notes])
 
 
 def test_end_to_end_metrics_once_per_note_and_resume(work, tmp_path, monkeypatch):
@@ -109,7 +111,7 @@ def test_end_to_end_metrics_once_per_note_and_resume(work, tmp_path, monkeypatch
     assert [r["system"] for r in payload["systems"]] == ALL_SYSTEMS
     assert payload["setup"]["test_notes"] == 3 and payload["setup"]["dev_notes"] == 3
 
-    # metrics are cec.metrics on the cached scores: threshold tuned on dev, applied to test
+    # metrics are cec.evaluation.metrics on the cached scores: threshold tuned on dev, applied to test
     codes = work.cs.codes
     y_dev = metrics.label_matrix([n["labels"] for n in dev], codes)
     y_test = metrics.label_matrix([n["labels"] for n in test], codes)
@@ -146,7 +148,7 @@ def test_end_to_end_metrics_once_per_note_and_resume(work, tmp_path, monkeypatch
             raise AssertionError("the model was loaded although every score is cached")
 
     monkeypatch.setattr(evaluation, "Models", NoModels)
-    monkeypatch.setattr("cec.baselines.tfidf_logreg", NoModels)
+    monkeypatch.setattr("cec.evaluation.baselines.tfidf_logreg", NoModels)
     again = run_cli(work, out)
     assert again["systems"] == payload["systems"]
 
@@ -154,8 +156,8 @@ def test_end_to_end_metrics_once_per_note_and_resume(work, tmp_path, monkeypatch
 def test_code_stage_matches_pipeline_and_direct_uses_base_model(work):
     """code_probs on the shared concept probabilities is CECPipeline.code_note; direct w/o FT runs the bare
     base model (no LoRA), direct-ft the direct adapter."""
-    from cec.cache import head_for, score_naive
-    from cec.lora import lora_layers
+    from cec.engine.cache import head_for, score_naive
+    from cec.engine.lora import lora_layers
 
     setup = evaluation.resolve_setup(work.pipe)
     models = evaluation.Models(setup)
@@ -225,16 +227,16 @@ def test_fingerprints_follow_what_each_system_depends_on(work):
 def test_torn_cache_line_is_skipped(tmp_path):
     path = tmp_path / "c.scores.jsonl"
     note = {"id": "a", "text": "some note"}
-    cache = evaluation.ScoreCache(path)
+    cache = score_cache.ScoreCache(path)
     cache.put("direct", "k1", note, [0.25, 0.5])
     cache.close()
     with open(path, "a") as f:
         f.write('{"system": "direct", "key": "k1", "id": "b", "sco')
-    cache = evaluation.ScoreCache(path)
+    cache = score_cache.ScoreCache(path)
     assert cache.skipped == 1 and cache.get("direct", "k1", note) == [0.25, 0.5]
     cache.put("direct", "k1", {"id": "c", "text": "x"}, [1.0, 0.0])
     cache.close()
-    cache = evaluation.ScoreCache(path)
+    cache = score_cache.ScoreCache(path)
     assert cache.get("direct", "k1", {"id": "c", "text": "x"}) == [1.0, 0.0] and cache.skipped == 1
     assert cache.get("direct", "k2", note) is None and cache.get("direct", "k1", {"id": "a", "text": "new"}) is None
 

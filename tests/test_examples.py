@@ -3,9 +3,9 @@ import re
 
 import pytest
 
-from cec import prompts
+from cec.coding import prompts
 from cec.errors import DataError
-from cec.examples import ExampleOptions, build_examples, check_labels, note_rng
+from cec.training.examples import ExampleOptions, build_examples, check_labels, note_rng
 from tiny_train import tiny_concept_set, tiny_notes
 
 CS = tiny_concept_set()

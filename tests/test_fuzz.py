@@ -21,7 +21,7 @@ TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=60
 
 
 # ---------------------------------------------------------------------------------------------------------
-# cec.concepts.parse_reply
+# cec.coding.concepts.parse_reply
 # ---------------------------------------------------------------------------------------------------------
 ICD10 = st.from_regex(r"[A-Z][0-9]{2}(\.[0-9A-Z]{1,3})?", fullmatch=True)
 ICD9 = st.from_regex(r"(V[0-9]{2}|E[0-9]{3}|[0-9]{3})(\.[0-9]{1,2})?|[0-9]{2}\.[0-9]{1,2}", fullmatch=True)
@@ -36,7 +36,7 @@ reply_text = st.lists(st.sampled_from(REPLY_PIECES) | TEXT, max_size=40).map("".
 @example(reply="{'401.9': " + "[" * 2000 + "]" * 2000 + "}", codes=["401.9"])
 @example(reply="[{'401.9': ['a']}" + "x" * 5000, codes=["401.9"])
 def test_parse_reply_returns_phrases_of_requested_codes_or_a_cec_error(reply, codes):
-    from cec.concepts import parse_reply
+    from cec.coding.concepts import parse_reply
 
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -56,7 +56,7 @@ phrase = st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc")), min_
 
 
 def test_parse_reply_reads_python_escapes_without_a_warning():
-    from cec.concepts import parse_reply
+    from cec.coding.concepts import parse_reply
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -72,7 +72,7 @@ def test_parse_reply_reads_python_escapes_without_a_warning():
 def test_parse_reply_round_trips_the_papers_reply_format(concepts, style, prose, fence):
     """[{'code': [phrases]}, ...] as JSON or a Python literal, bare, in a code fence or amid prose, gives back
     exactly the phrases of each code."""
-    from cec.concepts import parse_reply
+    from cec.coding.concepts import parse_reply
 
     items = [{code: phrases} for code, phrases in concepts.items()]
     body = json.dumps(items, ensure_ascii=False) if style == "json" else repr(items)
@@ -131,7 +131,7 @@ def test_written_notes_read_back_unchanged(tmp_path_factory, notes):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# cec.icd normalisers
+# cec.coding.icd normalisers
 # ---------------------------------------------------------------------------------------------------------
 code_like = (st.from_regex(r"\s?[VvEe]?[0-9]{1,5}(\.[0-9]{0,3})?\s?", fullmatch=True)
              | st.from_regex(r"\s?[A-Za-z][0-9][0-9A-Za-z](\.?[0-9A-Za-z]{1,4})?\s?", fullmatch=True) | TEXT)
@@ -140,7 +140,7 @@ code_like = (st.from_regex(r"\s?[VvEe]?[0-9]{1,5}(\.[0-9]{0,3})?\s?", fullmatch=
 @FUZZ
 @given(code=code_like, kind=st.sampled_from([None, "dx", "proc"]))
 def test_icd9_normalize_is_idempotent_and_fails_only_with_a_cec_error(code, kind):
-    from cec.icd import ICD9CM
+    from cec.coding.icd import ICD9CM
 
     try:
         once = ICD9CM.normalize(code, kind)
@@ -153,7 +153,7 @@ def test_icd9_normalize_is_idempotent_and_fails_only_with_a_cec_error(code, kind
 @FUZZ
 @given(code=code_like)
 def test_icd10_normalize_is_idempotent_and_fails_only_with_a_cec_error(code):
-    from cec.icd import ICD10CM
+    from cec.coding.icd import ICD10CM
 
     try:
         once = ICD10CM.normalize(code)
@@ -188,7 +188,7 @@ GEMMA = Path.home() / ".cache" / "cec" / "gemma3-270m"
 def gemma():
     if not (GEMMA / "tokenizer.json").is_file():
         pytest.skip(f"no converted Gemma 3 270M at {GEMMA} (run infer.py once to build it)")
-    from cec.tokenizer import Tokenizer
+    from cec.engine.tokenizer import Tokenizer
 
     return Tokenizer.from_folder(GEMMA)
 

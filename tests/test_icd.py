@@ -3,7 +3,7 @@ import csv
 import pytest
 
 from cec.errors import DataError
-from cec.icd import ICD9CM, code_system, icd9cm, mimic_code, normalize_icd10pcs
+from cec.coding.icd import ICD9CM, code_system, icd9cm, mimic_code, normalize_icd10pcs
 
 
 @pytest.fixture(scope="module")

@@ -30,8 +30,8 @@ def tiny(tmp_path_factory):
     """A tiny random model folder, a tiny concept set, a pipeline folder without adapters and one with."""
     from tiny_train import random_lora_, save_tiny_model, tiny_concept_set
 
-    from cec.lora import inject_lora, save_adapter
-    from cec.weights import load_model
+    from cec.engine.lora import inject_lora, save_adapter
+    from cec.engine.weights import load_model
 
     d = tmp_path_factory.mktemp("infer")
     save_tiny_model(d / "model")
@@ -171,9 +171,9 @@ def test_label_layout_follows_the_adapter_and_scores_equal_naive(tiny, tmp_path)
     code questions; its code probabilities equal naive full-prompt scoring of exactly that text."""
     import torch
 
-    from cec import prompts
-    from cec.cache import head_for, score_naive
-    from cec.pipeline import CECPipeline, shown_concepts
+    from cec.coding import prompts
+    from cec.engine.cache import head_for, score_naive
+    from cec.coding.pipeline import CECPipeline, shown_concepts
 
     folder = tmp_path / "compact"
     shutil.copytree(tiny / "adapted", folder)
@@ -538,7 +538,7 @@ def last_line_error(proc, pattern):
 def test_adapter_mismatches_are_one_line(tiny, tmp_path):
     from hf_tiny import hf_model, ours_from_hf
 
-    from cec.lora import inject_lora, save_adapter
+    from cec.engine.lora import inject_lora, save_adapter
 
     note = write_note(tmp_path)
     last_line_error(cli(tiny, "--pipeline", tiny / "plain", "--note", note, "--label-adapter", tmp_path / "nope"),
@@ -555,7 +555,7 @@ def test_adapter_mismatches_are_one_line(tiny, tmp_path):
     # the shipped tiny adapter was trained for codes A1..E5; this concept set has other codes
     from tiny_train import tiny_concept_set
 
-    from cec.concepts import ConceptSet
+    from cec.coding.concepts import ConceptSet
 
     cs = tiny_concept_set()
     z = lambda d: {"Z" + c: v for c, v in d.items()}  # noqa: E731

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cec.errors import AdapterError
-from cec.lora import (LoRALinear, inject_lora, load_adapter, lora_parameters, lora_state_dict, merge_lora,
+from cec.engine.lora import (LoRALinear, inject_lora, load_adapter, lora_parameters, lora_state_dict, merge_lora,
                       remove_lora, save_adapter, unmerge_lora)
 from hf_tiny import hf_model, ours_from_hf
 

@@ -3,7 +3,7 @@ import pytest
 from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
 
 from cec.errors import DataError
-from cec.metrics import (
+from cec.evaluation.metrics import (
     evaluate,
     label_matrix,
     macro_auc,

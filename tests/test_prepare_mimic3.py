@@ -10,7 +10,7 @@ import pytest
 
 from cec.data import read_codes, read_notes
 from cec.errors import DataError
-from cec.icd import mimic_code
+from cec.coding.icd import mimic_code
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "prepare_mimic3.py"

@@ -1,7 +1,7 @@
 """The prompts are the paper's text (Figs. 3 and 4), split into a shared prefix and per-question suffixes."""
 import pytest
 
-from cec import prompts
+from cec.coding import prompts
 from tiny_train import tiny_tokenizer
 
 FIG3 = """Below is a clinical note. Write a response that appropriately completes the request.

@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from cec.report import evidence_spans, render_report, sentence_spans, write_report
+from cec.coding.report import evidence_spans, render_report, sentence_spans, write_report
 
 NOTE = ("Reason for admission: fever and swollen ankles.\n"
         "Blood pressure 172/98 mmHg on arrival; he takes enalapril.\n"
@@ -77,7 +77,7 @@ def test_predicted_codes_highlight_their_positive_concepts_only():
 
 
 def with_spans(c, *sentences):
-    """The code with model spans (cec.attribution.add_evidence) on these sentences of NOTE, best first."""
+    """The code with model spans (cec.coding.attribution.add_evidence) on these sentences of NOTE, best first."""
     c["spans"] = [{"start": NOTE.index(t), "end": NOTE.index(t) + len(t), "text": t, "score": 2.0 - i}
                   for i, t in enumerate(sentences)]
     for ev in c["evidence"]:

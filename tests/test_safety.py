@@ -157,7 +157,7 @@ def test_no_code_path_unpickles():
                 bad.append(f"{rel}:{node.lineno} {name}")
     assert not bad, bad
     loads = [(p.relative_to(ROOT), n.lineno) for p in SOURCES for n, name in calls_in(p) if name.endswith("torch.load")]
-    assert loads == [(Path("cec/trainer.py"), loads[0][1])]  # the one torch.load: our own trainer_state.pt
+    assert loads == [(Path("cec/training/trainer.py"), loads[0][1])]  # the one torch.load: our own trainer_state.pt
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -214,7 +214,7 @@ class OneHotEmbedder:
 
 
 def test_the_api_key_never_reaches_logs_saved_replies_or_outputs(tmp_path, monkeypatch, caplog, capsys):
-    from cec.concepts import ChatCompletionsBackend, build_concept_set, generate_candidates, read_candidates
+    from cec.coding.concepts import ChatCompletionsBackend, build_concept_set, generate_candidates, read_candidates
 
     monkeypatch.setenv("CEC_API_KEY", KEY)
     entries = {code: {"description": f"disease {code}", "parent": {"code": code[:3], "description": "group"},
@@ -284,7 +284,7 @@ fragment = st.sampled_from(MARKUP + WORDS) | st.text(alphabet=st.characters(blac
        concepts=st.lists(st.lists(fragment, min_size=1, max_size=4).map(" ".join), min_size=1, max_size=3),
        description=fragment, note_id=fragment)
 def test_report_renders_any_note_concept_or_description_as_text(note, concepts, description, note_id):
-    from cec.report import render_report
+    from cec.coding.report import render_report
 
     baseline = parse(render_report(report_doc("Fever and cough. High blood pressure.", ["fever", "blood pressure"],
                                               "Fever")))
@@ -304,7 +304,7 @@ CHROMIUM = "/usr/bin/chromium"
 def test_chromium_runs_no_handler_injected_through_the_note_or_the_concepts(tmp_path):
     """The existing <script> check (test_report) covers a script element; this one covers attribute handlers
     and a closing tag in the note, a concept and a code description."""
-    from cec.report import write_report
+    from cec.coding.report import write_report
 
     evil = "document.title='pwned'"
     note = (f'Fever.\n"><img src=x onerror="{evil}"></mark><svg onload="{evil}">\nHigh blood pressure.\n'

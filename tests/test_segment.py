@@ -1,6 +1,6 @@
 import pytest
 
-from cec.segment import (
+from cec.coding.segment import (
     DEFAULT_TITLES,
     df_iapf,
     learn_titles,

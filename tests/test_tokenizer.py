@@ -5,7 +5,7 @@ import json
 import pytest
 
 from cec.errors import TokenizerError
-from cec.tokenizer import Tokenizer
+from cec.engine.tokenizer import Tokenizer
 
 SAMPLES = [
     "Patient is a 67-year-old male with a history of hypertension, type 2 diabetes mellitus and CKD stage 3.",
@@ -42,7 +42,7 @@ def llama3_style_folder(tmp_path_factory):
     from tokenizers import Regex, Tokenizer as Backend, decoders, pre_tokenizers, processors, trainers
     from tokenizers.models import BPE
 
-    from cec.tokenizer import _LLAMA3_SPLIT
+    from cec.engine.tokenizer import _LLAMA3_SPLIT
 
     folder = tmp_path_factory.mktemp("llama3_tok")
     backend = Backend(BPE())
@@ -133,7 +133,7 @@ def test_gguf_llama_sentencepiece_vocab_matches_transformers(spm_folder, tmp_pat
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
-    from cec.weights import gguf_metadata
+    from cec.engine.weights import gguf_metadata
 
     sp = spm.SentencePieceProcessor(model_file=str(spm_folder / "tokenizer.model"))
     tokens, scores, types = [], [], []
@@ -168,7 +168,7 @@ def test_gguf_byte_level_vocab_matches_transformers(llama3_style_folder, tmp_pat
     import gguf
     from transformers import AutoTokenizer
 
-    from cec.weights import gguf_metadata
+    from cec.engine.weights import gguf_metadata
 
     spec = json.loads((llama3_style_folder / "tokenizer.json").read_text())
     vocab = spec["model"]["vocab"]
@@ -204,7 +204,7 @@ def test_embedded_gemma3_gguf_tokenizer_matches_transformers():
 
     from transformers import AutoTokenizer
 
-    from cec.weights import embedded_gguf_path, resolve
+    from cec.engine.weights import embedded_gguf_path, resolve
 
     gguf_path = Path(embedded_gguf_path("gemma3-270m"))
     ours = Tokenizer.from_folder(resolve("gemma3-270m"))

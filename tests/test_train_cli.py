@@ -8,8 +8,8 @@ import pytest
 
 from cec.cli import user_errors
 from cec.data import write_notes
-from cec.lora import load_adapter
-from cec.weights import load_model
+from cec.engine.lora import load_adapter
+from cec.engine.weights import load_model
 from tiny_train import save_tiny_model, tiny_concept_set, tiny_notes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def test_each_stage_trains_an_adapter_that_loads(files, tmp_path, stage):
 def test_init_adapter_continues_from_its_weights_in_the_compact_layout(files, tmp_path):
     import torch
 
-    from cec.lora import lora_state_dict
+    from cec.engine.lora import lora_state_dict
 
     train.main(["--stage", "label", *args(files, tmp_path / "paper", "--steps", "1", "--grad-accum", "1")])
     train.main(["--stage", "label", *args(files, tmp_path / "compact", "--steps", "1", "--grad-accum", "1",

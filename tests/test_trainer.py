@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cec.cache import head_for
+from cec.engine.cache import head_for
 from cec.errors import CECError
-from cec.examples import NoteExamples
-from cec.lora import inject_lora, lora_parameters, lora_state_dict
-from cec.trainer import (TrainConfig, Trainer, TrainingError, latest_checkpoints, lr_factor, pack_loss,
+from cec.training.examples import NoteExamples
+from cec.engine.lora import inject_lora, lora_parameters, lora_state_dict
+from cec.training.trainer import (TrainConfig, Trainer, TrainingError, latest_checkpoints, lr_factor, pack_loss,
                          pack_questions)
 from hf_tiny import hf_model, ours_from_hf
 from tiny_train import random_lora_, tiny_tokenizer

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cec.errors import ConfigError, WeightsError
-from cec.weights import (_llama3_scaling_from_freqs, gguf_to_hf_name, load_hf_folder, load_model, resolve)
+from cec.engine.weights import (_llama3_scaling_from_freqs, gguf_to_hf_name, load_hf_folder, load_model, resolve)
 from hf_tiny import hf_model
 
 TOL = 1e-4
@@ -282,7 +282,7 @@ def test_gemma3_gguf_matches_transformers_gguf_loader(tmp_path):
     cache makes the second load skip the conversion."""
     from transformers import AutoModelForCausalLM
 
-    import cec.weights as W
+    import cec.engine.weights as W
 
     hf = hf_model("gemma3", head_dim=256, query_pre_attn_scalar=256, num_attention_heads=2,
                   num_key_value_heads=1, intermediate_size=128,

@@ -10,11 +10,11 @@ if DEVICE == "cpu":  # before the kernel module is imported, so the kernel runs 
     os.environ["TRITON_INTERPRET"] = "1"
 
 from cec.errors import TokenizerError
-from cec.heads import NO_SPELLINGS, YES_SPELLINGS, YesNoHead, answer_token_ids, use_kernel, yes_no_scores, \
+from cec.engine.heads import NO_SPELLINGS, YES_SPELLINGS, YesNoHead, answer_token_ids, use_kernel, yes_no_scores, \
     yes_no_scores_reference
 
 triton = pytest.importorskip("triton")
-from kernels.yesno_head import yes_no_head  # noqa: E402
+from cec_kernels.yesno_head import yes_no_head  # noqa: E402
 
 VOCAB = 300
 FAMILIES = {  # name: (llama_norm, norm_offset, softcap)
@@ -70,7 +70,7 @@ def test_reference_matches_hf_norm_modules():
     matters, and the full bf16 path against HF-style lm_head logits."""
     llama = pytest.importorskip("transformers.models.llama.modeling_llama")
     gemma = pytest.importorskip("transformers.models.gemma.modeling_gemma")
-    from cec.heads import rms_norm
+    from cec.engine.heads import rms_norm
 
     hidden, w, out = make(8, 64, torch.bfloat16, seed=3)
     ln = llama.LlamaRMSNorm(64, eps=1e-5).to(torch.bfloat16)

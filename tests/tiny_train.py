@@ -1,11 +1,11 @@
 """Tiny, local stand-ins for the training tests: a byte-level BPE tokenizer, a tiny random model saved as an HF
-folder that cec.weights.load_model reads, a small concept set and a few notes."""
+folder that cec.engine.weights.load_model reads, a small concept set and a few notes."""
 from pathlib import Path
 
 import torch
 
-from cec.concepts import Concept, ConceptSet
-from cec.tokenizer import Tokenizer, train_byte_bpe
+from cec.coding.concepts import Concept, ConceptSet
+from cec.engine.tokenizer import Tokenizer, train_byte_bpe
 
 WORDS = ("yes no Yes No yes no Yes No the patient note has pain fever cough chest renal failure acute chronic "
          "hypertension diabetes question answer concept relevant medical disease")
@@ -13,8 +13,7 @@ WORDS = ("yes no Yes No yes no Yes No the patient note has pain fever cough ches
 
 def tiny_tokenizer(vocab_size: int = 300) -> Tokenizer:
     """Byte-level BPE; with a larger vocabulary it learns the prompt templates, so tiny-model runs stay short."""
-    from cec import prompts
-
+    from cec.coding import prompts
     templates = [prompts.CONCEPT_INSTRUCTION, prompts.CONCEPT_QUESTION, prompts.LABEL_INSTRUCTION,
                  prompts.LABEL_CONCEPTS_INTRO, prompts.LABEL_CONCEPT_LINE, prompts.LABEL_QUESTION,
                  prompts.DIRECT_INSTRUCTION, prompts.DIRECT_QUESTION]
@@ -73,7 +72,7 @@ def tiny_notes(n: int = 6) -> list[dict]:
 
 
 def random_lora_(model, seed: int = 0, scale: float = 0.05) -> None:
-    from cec.lora import lora_parameters
+    from cec.engine.lora import lora_parameters
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

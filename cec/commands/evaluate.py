@@ -21,8 +21,9 @@ from pathlib import Path
 from cec.cli import user_errors
 from cec.data import read_notes
 from cec.errors import ConfigError
-from cec.evaluation import (default_cache_path, parse_systems, render_markdown, resolve_setup,
-                            run_evaluation)
+from cec.evaluation.score_cache import default_cache_path
+from cec.evaluation.systems import parse_systems, resolve_setup, run_evaluation
+from cec.evaluation.tables import render_markdown
 from cec.io import atomic_write_json, atomic_write_text, prepare_output
 
 DTYPES = ("float32", "bfloat16", "float16")

@@ -14,7 +14,7 @@ single parts of it.
 
 --format json prints {"note", "code_system", "threshold", "codes": [{"code", "description", "probability",
 "predicted", "evidence": [{"concept", "level", "probability", "role"}]}], "timing": {"prefix_tokens", "questions",
-"seconds"}} with every code of the set, most probable first (cec/output.py). An evidence entry's role is "own" (a
+"seconds"}} with every code of the set, most probable first (cec/coding/output.py). An evidence entry's role is "own" (a
 concept of the code's own set) or "outside" (a predicted-negative concept from outside it). A note longer than the
 token budget is cut to its most relevant sections: the warning and a "truncation" key ({"note_tokens",
 "kept_tokens", "kept_percent"}) say how much was kept. --only-predicted keeps only the codes at or above the
@@ -48,7 +48,7 @@ from cec.cli import user_errors
 from cec.data import decode_text, parse_json_line, read_text_file
 from cec.errors import ConfigError, DataError
 from cec.io import atomic_write_bytes, atomic_write_json, prepare_output, same_file
-from cec.output import format_table, note_json
+from cec.coding.output import format_table, note_json
 
 PROG = "infer.py"
 RESOURCES = Path(__file__).resolve().parents[1] / "resources"
@@ -129,7 +129,7 @@ def read_batch(path: Path, encoding: str | None = None) -> list[dict]:
 
 # -- output -----------------------------------------------------------------------------------------------
 def note_doc(pipeline, text: str, note_id: str | None = None, **shape) -> tuple[dict, dict]:
-    """(the JSON contract of cec.output, the pipeline's full timing); shape: note_json's options."""
+    """(the JSON contract of cec.coding.output, the pipeline's full timing); shape: note_json's options."""
     result = pipeline.code_note(text, note_id)
     return note_json(result, text, pipeline, **shape), result.timing
 
@@ -298,8 +298,8 @@ def run_batch(args, rank: int, world: int) -> None:
 def load_pipeline(args, rank: int = 0):
     import torch
 
-    from cec.concepts import load_concept_set
-    from cec.pipeline import CECPipeline
+    from cec.coding.concepts import load_concept_set
+    from cec.coding.pipeline import CECPipeline
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda":  # under torchrun, one GPU per local rank
@@ -398,7 +398,7 @@ def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
                                                    "--explain)")
     p.add_argument("--explain", action="store_true",
                    help="add the note sentences behind each predicted code (spans) and each evidence concept "
-                        "(sentence), found by hiding each sentence from the model's questions (cec.attribution)")
+                        "(sentence), found by hiding each sentence from the model's questions (cec.coding.attribution)")
     p.add_argument("--only-predicted", action="store_true", help="output only the codes at or above the threshold")
     p.add_argument("--no-text", action="store_true",
                    help="leave the note and the code descriptions out of the output (see --list-codes)")
@@ -435,7 +435,7 @@ def check_html(path: str, note_arg: str) -> None:
 
 def note_language(args) -> str:
     """The language of the notes the pipeline was trained on ("note_language" in cec_pipeline.json)."""
-    from cec.pipeline import DEFAULT_PIPELINE, PIPELINE_FILE
+    from cec.coding.pipeline import DEFAULT_PIPELINE, PIPELINE_FILE
 
     folder = Path(args.pipeline) if args.pipeline else DEFAULT_PIPELINE
     try:
@@ -446,15 +446,15 @@ def note_language(args) -> str:
 
 def code_set(args):
     """The concept set of the pipeline (or --concepts), without loading the model."""
-    from cec.concepts import load_concept_set
-    from cec.pipeline import DEFAULT_PIPELINE, PipelineConfig, resolve_beside
+    from cec.coding.concepts import load_concept_set
+    from cec.coding.pipeline import DEFAULT_PIPELINE, PipelineConfig, resolve_beside
 
     config, folder = PipelineConfig.load(Path(args.pipeline) if args.pipeline else DEFAULT_PIPELINE)
     return load_concept_set(args.concepts or resolve_beside(folder, config.concept_set))
 
 
 def list_codes(args) -> None:
-    from cec.output import code_set_doc
+    from cec.coding.output import code_set_doc
 
     doc = code_set_doc(code_set(args), note_language(args))
     if args.format == "json":
@@ -483,7 +483,7 @@ def run(args) -> None:
     doc = note_json(result, text, pipeline, **output_shape(args))
     full = note_json(result, text, pipeline) if args.html else None
     if args.explain or args.html:
-        from cec.attribution import add_evidence
+        from cec.coding.attribution import add_evidence
 
         for d in filter(None, (doc, full)):  # the spans are computed once, copied into the report's doc
             if d is doc:
@@ -501,7 +501,7 @@ def run(args) -> None:
     else:
         print(format_table(doc, result.timing))
     if args.html:
-        from cec.report import write_report
+        from cec.coding.report import write_report
 
         write_report(args.html, full,
                      concept_threshold=pipeline.config.concept_threshold, note_id=name)

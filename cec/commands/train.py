@@ -149,7 +149,7 @@ def check_args(args) -> None:
 
 def check_run_folder(args) -> None:
     from cec.errors import ConfigError
-    from cec.trainer import latest_checkpoints
+    from cec.training.trainer import latest_checkpoints
 
     out = Path(args.out)
     if not args.resume and (latest_checkpoints(out) or (out / "adapter_model.safetensors").exists()):
@@ -159,10 +159,10 @@ def check_run_folder(args) -> None:
 def read_data(args):
     """(concept set, training notes, dev notes), checked; read before torch loads, so a bad file is reported at
     once. Non-UTF-8 bytes in a notes file are an error naming the file and line (cec.data.read_notes)."""
-    from cec.concepts import load_concept_set
+    from cec.coding.concepts import load_concept_set
     from cec.data import read_notes
     from cec.errors import DataError
-    from cec.examples import check_labels
+    from cec.training.examples import check_labels
 
     concept_set = load_concept_set(args.concepts)
     notes = read_notes(args.data)
@@ -199,12 +199,12 @@ def main(argv=None, prog: str = "train.py") -> None:
     concept_set, notes, dev = read_data(args)
     import torch
 
-    from cec import prompts
+    from cec.coding import prompts
     from cec.errors import ConfigError
-    from cec.examples import ExampleOptions, build_examples
-    from cec.lora import inject_lora, load_adapter
-    from cec.trainer import TrainConfig, Trainer
-    from cec.weights import default_dtype, load_model
+    from cec.training.examples import ExampleOptions, build_examples
+    from cec.engine.lora import inject_lora, load_adapter
+    from cec.training.trainer import TrainConfig, Trainer
+    from cec.engine.weights import default_dtype, load_model
 
     check_run_folder(args)
     if args.threads:

@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 LEVELS = ("parent", "leaf")
 FORMAT = "cec-concept-set/1"
-SHIPPED_DIR = Path(__file__).resolve().parent / "resources" / "concepts"
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "resources" / "concepts"
 DEFAULT_GAMMA = 0.83
 
 
@@ -468,7 +468,7 @@ class LocalModelBackend:
         if model is None or tokenizer is None:
             import torch
 
-            from cec.weights import load_model  # the engine loads only when this backend is used
+            from cec.engine.weights import load_model  # the engine loads only when this backend is used
 
             if isinstance(dtype, str):
                 if not isinstance(getattr(torch, dtype, None), torch.dtype):
@@ -499,7 +499,7 @@ class LocalModelBackend:
 # ---------------------------------------------------------------------------------------------------------
 def code_entries(codes: list[str], system, descriptions: dict[str, str] | None = None,
                  parents: dict[str, str] | None = None) -> dict[str, dict]:
-    """Raw-file entries (description, parent) for codes, from a cec.icd code system; `descriptions` (by code,
+    """Raw-file entries (description, parent) for codes, from a cec.coding.icd code system; `descriptions` (by code,
     parents included) and `parents` (parent code by code) override what the code system says."""
     descriptions, parents = descriptions or {}, parents or {}
     out = {}

@@ -5,7 +5,7 @@ Systems (keys for `--systems`):
     leaf       CEC over a view of the concept set that keeps only each code's leaf-level concepts (Table 2)
     direct     direct coding without fine-tuning: the base model, one direct yes/no question per code (Table 2)
     direct-ft  the same with a direct-stage LoRA adapter (Table 2)
-    tfidf      TF-IDF + one-vs-rest logistic regression (cec.baselines), trained on --train
+    tfidf      TF-IDF + one-vs-rest logistic regression (cec.evaluation.baselines), trained on --train
 
 Stage-1 concept probabilities do not depend on K: they are computed once per note and reused by every cec-k
 and by leaf; all their code questions are then scored against one cached label prefix (duplicates once).
@@ -26,13 +26,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cec import prompts
-from cec.concepts import ConceptSet, load_concept_set
+from cec.coding import prompts
+from cec.coding.concepts import ConceptSet, load_concept_set
 from cec.errors import AdapterError, ConfigError, DataError
-from cec.metrics import GRID_TEXT, evaluate, label_matrix, micro_f1, tune_threshold
-from cec.pipeline import (DEFAULT_PIPELINE, PIPELINE_FILE, CECPipeline, PipelineConfig, load_stage_adapter,
+from cec.evaluation.metrics import GRID_TEXT, evaluate, label_matrix, micro_f1, tune_threshold
+from cec.evaluation.score_cache import ScoreCache, digest, text_hash
+from cec.coding.pipeline import (DEFAULT_PIPELINE, PIPELINE_FILE, CECPipeline, PipelineConfig, load_stage_adapter,
                           resolve_beside, share_base)
-from cec.pipeline import shown_concepts, trained_layout
+from cec.coding.pipeline import shown_concepts, trained_layout
 
 DEFAULT_KS = (3, 4, 5, 6)
 CONCEPTS = "concept-probs"  # the cache's name for stage-1 concept probabilities
@@ -171,7 +172,7 @@ def concept_probs(pipe: CECPipeline, text: str) -> torch.Tensor:
 
 def code_questions(pipe: CECPipeline, concept_p: torch.Tensor, note_id: str | None, k: int,
                    concept_set: ConceptSet | None = None) -> list[list[int]]:
-    """Stage-2 question ids, one per code, as CECPipeline.code_note builds them (cec.pipeline.shown_concepts).
+    """Stage-2 question ids, one per code, as CECPipeline.code_note builds them (cec.coding.pipeline.shown_concepts).
     concept_set: a view of the pipeline's set (same concept ids), e.g. leaf_view."""
     cs = concept_set or pipe.cs
     return pipe.label_question_ids(concept_p, shown_concepts(pipe.config, cs, concept_p, note_id, k), cs)
@@ -203,8 +204,8 @@ class Models:
     so the base model itself stays adapter-free for direct coding without fine-tuning."""
 
     def __init__(self, setup: EvalSetup, device="cpu", dtype: torch.dtype | None = None, batch_tokens: int = 4096):
-        from cec.cache import PrefixScorer, head_for
-        from cec.weights import load_model
+        from cec.engine.cache import PrefixScorer, head_for
+        from cec.engine.weights import load_model
 
         cs = setup.concept_set
         model, tokenizer = load_model(setup.config.base_model, device=device, dtype=dtype)
@@ -230,17 +231,9 @@ class Models:
 # ---------------------------------------------------------------------------------------------------------
 # The score cache
 # ---------------------------------------------------------------------------------------------------------
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()[:16]
-
-
-def text_hash(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
 def fingerprints(setup: EvalSetup, systems: list[System], device, dtype) -> dict[str, str]:
     """system key (and CONCEPTS) -> hash of everything its per-note scores depend on."""
-    from cec.weights import default_dtype
+    from cec.engine.weights import default_dtype
 
     cfg, cs = setup.config, setup.concept_set
     base = {"base_model": str(cfg.base_model), "dtype": str(dtype or default_dtype(device)),
@@ -249,7 +242,7 @@ def fingerprints(setup: EvalSetup, systems: list[System], device, dtype) -> dict
     answers = (prompts.YES_ANSWERS, prompts.NO_ANSWERS)
     concept = {**base, "adapter": setup.adapter_hashes["concept"], "concepts": [c.text for c in cs.concepts],
                "prompt": (prompts.CONCEPT_INSTRUCTION, prompts.CONCEPT_QUESTION), "answers": answers}
-    out = {CONCEPTS: _digest(concept)}
+    out = {CONCEPTS: digest(concept)}
     label = {"concept": out[CONCEPTS], "adapter": setup.adapter_hashes["label"], "descriptions": descriptions,
              "prompt": prompts.label_prompt_text(cfg.label_layout or "paper"), "m": cfg.m, "sampling": cfg.sampling, "seed": cfg.seed,
              "concept_threshold": cfg.concept_threshold}
@@ -258,66 +251,12 @@ def fingerprints(setup: EvalSetup, systems: list[System], device, dtype) -> dict
     for s in systems:
         if s.kind in ("cec", "leaf"):
             view = leaf_view(cs) if s.kind == "leaf" else cs
-            out[s.key] = _digest({**label, "k": s.k, "own": [view.concept_ids(c) for c in cs.codes]})
+            out[s.key] = digest({**label, "k": s.k, "own": [view.concept_ids(c) for c in cs.codes]})
         elif s.kind == "direct":
-            out[s.key] = _digest(direct)
+            out[s.key] = digest(direct)
         elif s.kind == "direct-ft":
-            out[s.key] = _digest({**direct, "adapter": setup.adapter_hashes["direct"]})
+            out[s.key] = digest({**direct, "adapter": setup.adapter_hashes["direct"]})
     return out
-
-
-class ScoreCache:
-    """Append-only JSONL of {"system", "key", "id", "text", "scores"}: one score vector per note and system.
-
-    A torn last line (a run killed mid-write) is skipped; a later append starts on a fresh line."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.index: dict[tuple, list[float]] = {}
-        self.skipped = 0
-        if self.path.is_file():
-            with open(self.path, "rb") as f:
-                for line in f:
-                    try:
-                        r = json.loads(line)
-                        self.index[(r["system"], r["key"], r["id"], r["text"])] = r["scores"]
-                    except (ValueError, KeyError, TypeError):
-                        self.skipped += 1
-        self._file = None
-
-    def get(self, system: str, key: str, note: dict) -> list[float] | None:
-        return self.index.get((system, key, note["id"], text_hash(note["text"])))
-
-    def put(self, system: str, key: str, note: dict, scores) -> list[float]:
-        scores = [float(x) for x in (scores.tolist() if hasattr(scores, "tolist") else scores)]
-        record = {"system": system, "key": key, "id": note["id"], "text": text_hash(note["text"]), "scores": scores}
-        if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            torn = False
-            if self.path.is_file() and self.path.stat().st_size > 0:
-                with open(self.path, "rb") as f:
-                    f.seek(-1, 2)
-                    torn = f.read(1) != b"\n"
-            self._file = open(self.path, "a", encoding="utf-8")
-            if torn:
-                self._file.write("\n")
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self.index[(system, key, record["id"], record["text"])] = scores
-        return scores
-
-    def flush(self) -> None:
-        if self._file is not None:
-            self._file.flush()
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-
-def default_cache_path(json_path: str | Path) -> Path:
-    json_path = Path(json_path)
-    return json_path.with_name(json_path.stem + ".scores.jsonl")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -384,9 +323,9 @@ def tfidf_scores(train: list[dict], dev: list[dict], test: list[dict], codes: li
                  ) -> tuple[np.ndarray, np.ndarray, dict]:
     """(dev scores, test scores, info) of the TF-IDF baseline, from the cache when this exact train/dev/test
     setup was run before."""
-    from cec.baselines import tfidf_logreg
+    from cec.evaluation.baselines import tfidf_logreg
 
-    key = _digest({"train": [(n["id"], text_hash(n["text"]), n["labels"]) for n in train],
+    key = digest({"train": [(n["id"], text_hash(n["text"]), n["labels"]) for n in train],
                    "dev": [(n["id"], text_hash(n["text"]), n["labels"]) for n in dev], "codes": codes})
     info_note = {"id": "tfidf", "text": key}  # the chosen C, stored as a one-number record
     cached = [cache.get("tfidf", key, n) for n in dev + test]
@@ -457,52 +396,3 @@ def run_evaluation(setup: EvalSetup, systems: list[System], test: list[dict], de
         "timing": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in evaluator.timing.items()},
     }
     return {"setup": payload_setup, "systems": results}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The Markdown tables (layout of the paper's Tables 1-3; AUC as in Table 4)
-# ---------------------------------------------------------------------------------------------------------
-COLUMNS = ("macro_auc", "micro_auc", "macro_f1", "micro_f1", "p_at_5", "threshold")
-
-
-def _cell(v) -> str:
-    return "—" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"
-
-
-def _table(rows: list[tuple[str, dict]]) -> str:
-    lines = ["| Models | AUC Macro | AUC Micro | F1 Macro | F1 Micro | P@5 | Threshold |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    lines += ["| " + " | ".join([label] + [_cell(r.get(c)) for c in COLUMNS]) + " |" for label, r in rows]
-    return "\n".join(lines)
-
-
-def render_markdown(payload: dict, title: str | None = None) -> str:
-    st, by_key = payload["setup"], {r["system"]: r for r in payload["systems"]}
-    model = Path(st["base_model"]).name
-    main = by_key.get(f"cec-k{st['main_k']}")
-    skipped = sorted({r["auc_labels_skipped"] for r in payload["systems"]})
-    out = [f"# {title or 'Evaluation'}", "",
-           f"Test: {st.get('test', 'test')} ({st['test_notes']} notes, {st['codes']} codes, "
-           f"{st['codes_with_test_positives']} with a positive). Thresholds tuned on dev: {st.get('dev', 'dev')} "
-           f"({st['dev_notes']} notes) by micro-F1 over {GRID_TEXT}, then applied to test. "
-           f"Model: {model}; concept set: {Path(st['concept_set']).name}; CEC rows show C+ own concepts and "
-           f"C- = {st['m']} outside negatives ({st['sampling']} sampling, concept threshold "
-           f"{st['concept_threshold']}).", "",
-           f"F1 Macro = {st['macro_f1_definition'].split(';')[0]}. AUC Macro skips labels without both classes "
-           f"in test ({', '.join(map(str, skipped))} skipped). P@5 as CAML computes it.", ""]
-    sections = []
-    main_rows = ([("TF-IDF + LR (one-vs-rest)", by_key["tfidf"])] if "tfidf" in by_key else []) + \
-                ([(f"CEC - {model} (C+ = {st['main_k']})", main)] if main else [])
-    sections.append(("Main results (Table 1 layout)", main_rows))
-    ablation = [(name, by_key[key]) for key, name in (("direct", "Direct coding w/o FT"),
-                                                      ("direct-ft", "Direct coding w. FT"),
-                                                      ("leaf", "Leaf concepts"))
-                if key in by_key] + ([("CEC", main)] if main else [])
-    sections.append(("Ablations (Table 2 layout; AUC as Table 4)", ablation))
-    ks = sorted((r for r in payload["systems"] if r["system"].startswith("cec-k")), key=lambda r: -r["k"])
-    sections.append(("Number of concepts (Table 3 layout)", [(f"C+ = {r['k']}, C- = {r['m']}", r) for r in ks]))
-    for heading, rows in sections:
-        if rows:
-            out += [f"## {heading}", "", _table(rows), ""]
-    return "\n".join(out)
-

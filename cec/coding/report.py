@@ -1,6 +1,6 @@
 """The HTML report of one coded note: the note text with the evidence of each predicted code highlighted.
 
-A code's evidence is model-grounded when the JSON object carries it (cec.attribution.add_evidence, infer.py
+A code's evidence is model-grounded when the JSON object carries it (cec.coding.attribution.add_evidence, infer.py
 --explain): each predicted code's `spans` (the sentences whose hiding lowers its answers most) are highlighted
 in the code's colour, and each Yes concept of the legend quotes the sentence that supports it best. Without
 `spans` the report falls back to lexical matching, labelled as such on the page: as in the paper's App. D, the
@@ -13,7 +13,7 @@ The page is one self-contained file: inline CSS, no script, no external URL, and
 forbids both. Everything that comes from the note, the concept set or the model is HTML-escaped.
 
     doc = result.to_json(note_text, code_system, threshold)    # the infer.py JSON object
-    add_evidence(doc, pipeline, note_text, result)             # optional: model spans (cec.attribution)
+    add_evidence(doc, pipeline, note_text, result)             # optional: model spans (cec.coding.attribution)
     write_report("report.html", doc, concept_threshold=0.5)
 """
 from __future__ import annotations

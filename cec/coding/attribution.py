@@ -21,9 +21,9 @@ import time
 
 import torch
 
-from cec import prompts
-from cec.pipeline import shown_concepts
-from cec.report import sentence_spans
+from cec.coding import prompts
+from cec.coding.pipeline import shown_concepts
+from cec.coding.report import sentence_spans
 
 LONG_LINE = 300  # characters: a longer line is cut into sentences, a shorter one is one sentence
 TOP = 3  # spans kept per code
@@ -31,7 +31,7 @@ TOP = 3  # spans kept per code
 
 def note_sentences(text: str, long: int = LONG_LINE) -> list[tuple[int, int]]:
     """(start, end) character spans: one per non-blank line (CodiEsp's English is one sentence a line), a line
-    longer than `long` cut at . ! ? ; (cec.report.sentence_spans); whitespace trimmed."""
+    longer than `long` cut at . ! ? ; (cec.coding.report.sentence_spans); whitespace trimmed."""
     out = []
     for m in re.finditer(r"[^\n]+", text):
         pieces = [(m.start() + a, m.start() + b) for a, b in sentence_spans(m.group())]

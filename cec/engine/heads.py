@@ -62,7 +62,7 @@ def _kernel():
         if os.environ.get("CEC_TRITON_INTERPRET") == "1":
             os.environ["TRITON_INTERPRET"] = "1"
         try:
-            from kernels.yesno_head import yes_no_head
+            from cec_kernels.yesno_head import yes_no_head
         except ImportError:
             yes_no_head = None
         _KERNEL.append(yes_no_head)
@@ -113,7 +113,7 @@ class YesNoHead:
     @classmethod
     def from_config(cls, config, norm_weight: Tensor, out_weight: Tensor, yes_ids: Sequence[int],
                     no_ids: Sequence[int]) -> "YesNoHead":
-        """From a `cec.config.ModelConfig`: its eps, norm offset, final soft-cap and norm flavour."""
+        """From a `cec.engine.config.ModelConfig`: its eps, norm offset, final soft-cap and norm flavour."""
         return cls(norm_weight, out_weight, yes_ids, no_ids, eps=config.rms_norm_eps,
                    norm_offset=config.norm_offset, softcap=config.final_softcap,
                    llama_norm=config.family == "llama")

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cec.heads import YesNoHead
-from cec.model import KVCache, Transformer
+from cec.engine.heads import YesNoHead
+from cec.engine.model import KVCache, Transformer
 
 
 def common_prefix_len(seqs: list[list[int]]) -> int:

@@ -9,7 +9,7 @@ concepts from outside it, each with its Yes/No answer. All questions of a stage 
 A pipeline folder (what `infer.py --pipeline` takes and what training writes) holds `cec_pipeline.json`:
     {"base_model", "concept_set", "concept_adapter", "label_adapter", "direct_adapter", "concept_threshold", "threshold",
      "k", "m", "sampling", "label_layout", "max_note_tokens", "dev_metrics"}
-with the adapter paths relative to the folder. label_layout (cec.prompts: "paper" or "compact") defaults to the
+with the adapter paths relative to the folder. label_layout (cec.coding.prompts: "paper" or "compact") defaults to the
 layout the label adapter was trained with (its cec_adapter.json), "paper" without one.
 """
 from __future__ import annotations
@@ -24,16 +24,16 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from cec import prompts
-from cec.bottleneck import Bottleneck
-from cec.cache import PrefixScorer, head_for
-from cec.calibration import Platt
+from cec.coding import prompts
+from cec.coding.bottleneck import Bottleneck
+from cec.engine.cache import PrefixScorer, head_for
+from cec.coding.calibration import Platt
 from cec.errors import AdapterError, DataError
-from cec.model import Transformer
+from cec.engine.model import Transformer
 
 PIPELINE_FILE = "cec_pipeline.json"
 LABEL_STAGES = ("llm", "linear")
-RESOURCES = Path(__file__).resolve().parent / "resources"
+RESOURCES = Path(__file__).resolve().parents[1] / "resources"
 DEFAULT_PIPELINE = RESOURCES / "pipelines" / "gemma3-270m-codiesp-d50"
 
 
@@ -50,11 +50,11 @@ class PipelineConfig:
     m: int = 2  # predicted-negative concepts from outside the code's set
     sampling: str = "top"  # "top": the code's highest-scoring concepts; "random": the paper's random sample
     label_layout: str | None = None  # "paper" | "compact"; None = the label adapter's, else "paper"
-    max_note_tokens: int = 3000  # longer notes are segmented by section (cec.segment) to this budget
+    max_note_tokens: int = 3000  # longer notes are segmented by section (cec.coding.segment) to this budget
     seed: int = 0
-    label_stage: str = "llm"  # stage 2: "llm" (the label adapter, paper Sec. 3.4) or "linear" (cec.bottleneck)
+    label_stage: str = "llm"  # stage 2: "llm" (the label adapter, paper Sec. 3.4) or "linear" (cec.coding.bottleneck)
     bottleneck: str | None = None  # the linear stage's weights (JSON), relative to the pipeline folder
-    calibration: dict | None = None  # Platt scaling of code probabilities (cec.calibration), fitted on dev
+    calibration: dict | None = None  # Platt scaling of code probabilities (cec.coding.calibration), fitted on dev
     dev_metrics: dict = field(default_factory=dict)
 
     @classmethod
@@ -87,7 +87,7 @@ def trained_layout(adapter: Path | None) -> str:
     """The label layout an adapter was trained with (cec_adapter.json "prompts"); "paper" when it does not say."""
     if adapter is None:
         return "paper"
-    from cec.lora import read_adapter_config
+    from cec.engine.lora import read_adapter_config
 
     layout = read_adapter_config(adapter)[1].get("prompts", "paper")
     if layout not in prompts.LABEL_LAYOUTS:
@@ -115,7 +115,7 @@ def resolve_beside(folder: Path, name: str) -> str:
 def fold_lora(model: Transformer) -> None:
     """Fold each LoRA layer into a weight of its own, leaving the shared base weights untouched: inference then
     runs plain linears (no LoRA matmuls), at the memory cost of one copy of the adapted layers."""
-    from cec.lora import lora_layers
+    from cec.engine.lora import lora_layers
 
     for name, layer in lora_layers(model).items():
         lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
@@ -130,7 +130,7 @@ def fold_lora(model: Transformer) -> None:
 def load_stage_adapter(model: Transformer, folder: Path, stage: str, cs, fold: bool = True) -> Transformer:
     """Load a stage's LoRA adapter into `model` (a twin sharing the base weights), refusing one trained for
     another stage or code set, and fold it unless fold=False. The one adapter loader of pipeline and evaluation."""
-    from cec.lora import load_adapter, read_adapter_config
+    from cec.engine.lora import load_adapter, read_adapter_config
 
     trained_for = read_adapter_config(folder)[1].get("stage")
     if trained_for is not None and trained_for != stage:
@@ -215,8 +215,8 @@ class CECPipeline:
         """A pipeline folder (default: the shipped Gemma 3 270M / CodiEsp-D50 one), with optional overrides of
         its config fields (threshold, k, ...) and of its concept set. fold: fold the adapters into private
         copies of the layers they adapt (faster; fold=False keeps LoRA layers, e.g. to inspect them)."""
-        from cec.concepts import load_concept_set
-        from cec.weights import load_model
+        from cec.coding.concepts import load_concept_set
+        from cec.engine.weights import load_model
 
         folder = Path(folder) if folder else DEFAULT_PIPELINE
         config, folder = PipelineConfig.load(folder)
@@ -261,8 +261,8 @@ class CECPipeline:
 
     def fit_note_info(self, text: str) -> tuple[str, dict | None]:
         """(the note fitted to max_note_tokens, None when it fits whole, else {"note_tokens", "kept_tokens",
-        "kept_percent"}). Longer notes keep their most relevant sections (cec.segment), with a warning."""
-        from cec.segment import segment_note
+        "kept_percent"}). Longer notes keep their most relevant sections (cec.coding.segment), with a warning."""
+        from cec.coding.segment import segment_note
 
         budget = self.config.max_note_tokens
         count = lambda s: len(self.tokenizer.encode(s, add_bos=False))  # noqa: E731
@@ -329,7 +329,7 @@ class CECPipeline:
         return out
 
     def bottleneck_evidence(self, concept_p: torch.Tensor) -> list[list[dict]]:
-        """Per code, its k own concepts with the largest terms in the code's logit (cec.bottleneck), largest first;
+        """Per code, its k own concepts with the largest terms in the code's logit (cec.coding.bottleneck), largest first;
         "contribution" is that term (positive: pushed the code up)."""
         out = []
         for j in range(len(self.cs.codes)):

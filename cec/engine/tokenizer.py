@@ -146,7 +146,7 @@ class Tokenizer:
 
     @classmethod
     def from_gguf_metadata(cls, meta: dict) -> "Tokenizer":
-        """From a GGUF's metadata (key -> Python value, as cec.weights.gguf_metadata returns)."""
+        """From a GGUF's metadata (key -> Python value, as cec.engine.weights.gguf_metadata returns)."""
         backend = build_gguf_backend(meta)
         tokens = meta["tokenizer.ggml.tokens"]  # present: build_gguf_backend checked
 

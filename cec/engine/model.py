@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cec.attention import attend, attend_with_lse, merge_partials, position_mask
-from cec.config import ModelConfig
+from cec.engine.attention import attend, attend_with_lse, merge_partials, position_mask
+from cec.engine.config import ModelConfig
 
 
 class RMSNorm(nn.Module):

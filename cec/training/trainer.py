@@ -3,10 +3,10 @@
 One sequence holds a note's prefix and many questions: `[prefix | q1 | q2 | ...]`. Positions restart at P for
 every question and a block mask lets each question token see the prefix and its own question only, so each
 question is computed exactly as in its own `[prefix | q]` sequence, for P + sum(len q) tokens instead of
-n * P + sum(len q). The loss is binary cross-entropy on the yes/no score (cec.heads: l_yes - l_no after the final
+n * P + sum(len q). The loss is binary cross-entropy on the yes/no score (cec.engine.heads: l_yes - l_no after the final
 norm) at each question's last token; no full-vocabulary logits are built. Questions that do not fit in
 `max_tokens` go to further sequences, each restating the prefix. Text that all questions of a note start with
-(Fig. 3's "### Question: Is the note above ... concept '") joins the prefix, as cec.cache does at inference.
+(Fig. 3's "### Question: Is the note above ... concept '") joins the prefix, as cec.engine.cache does at inference.
 
 An optimizer step takes `grad_accum` notes per process (one note per micro-batch, split into as many packs as
 it needs); the loss is the mean over every question of the step, across processes. Under torchrun each rank
@@ -31,10 +31,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from cec.cache import common_prefix_len, head_for
+from cec.engine.cache import common_prefix_len, head_for
 from cec.errors import CECError
 from cec.io import atomic_write_text
-from cec.lora import (META_FILE, WEIGHTS_FILE, LoraConfig, lora_parameters, lora_state_dict, model_fingerprint,
+from cec.engine.lora import (META_FILE, WEIGHTS_FILE, LoraConfig, lora_parameters, lora_state_dict, model_fingerprint,
                       save_adapter, tensor_mismatch)
 
 CHECKPOINTS = "checkpoints"
@@ -215,10 +215,10 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 
 class Trainer:
-    """Trains the LoRA layers already injected into `model` (see cec.lora.inject_lora).
+    """Trains the LoRA layers already injected into `model` (see cec.engine.lora.inject_lora).
 
-    make_examples(note, epoch) -> cec.examples.NoteExamples builds a note's questions; the same note and epoch
-    must give the same examples (they do in cec.examples, seeded per note).
+    make_examples(note, epoch) -> cec.training.examples.NoteExamples builds a note's questions; the same note and epoch
+    must give the same examples (they do in cec.training.examples, seeded per note).
     """
 
     def __init__(self, model, tokenizer, yes_ids: list[int], no_ids: list[int], train_notes: list[dict],
@@ -263,7 +263,7 @@ class Trainer:
         return self.notes[order[position % n]], epoch
 
     def encode(self, note: dict, epoch: int) -> Encoded:
-        ex = self.make_examples(note, epoch)  # ids as cec.prompts.encode makes them: BOS on the prefix only
+        ex = self.make_examples(note, epoch)  # ids as cec.coding.prompts.encode makes them: BOS on the prefix only
         prefix = self.tokenizer.encode(ex.prefix, add_bos=True)
         questions = [list(self._encode_question(q)) for q in ex.questions]
         packs, cut = pack_questions(prefix, questions, ex.labels, self.cfg.max_tokens,
@@ -324,7 +324,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Mean BCE, ROC AUC and accuracy (score > 0) over the questions of the dev notes (epoch 0 examples)."""
-        from cec.metrics import roc_auc
+        from cec.evaluation.metrics import roc_auc
 
         d = self.dist
         self.model.eval()

@@ -8,7 +8,7 @@ micro-F1 of each direction and their mean.
 
 A system is a function `fit(tune_idx) -> predict(idx) -> (probabilities, threshold)`; `score_system` wraps a
 fixed [notes, codes] score matrix (TF-IDF, direct coding, the label LLM, a concept mean) with calibration
-and a tuned threshold; `bottleneck_system` fits cec.bottleneck on the tuning half's stage-1 probabilities.
+and a tuned threshold; `bottleneck_system` fits cec.coding.bottleneck on the tuning half's stage-1 probabilities.
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from typing import Callable
 
 import numpy as np
 
-from cec.bottleneck import Bottleneck
-from cec.calibration import Platt, expected_calibration_error
-from cec.metrics import evaluate, micro_f1, tune_threshold
+from cec.coding.bottleneck import Bottleneck
+from cec.coding.calibration import Platt, expected_calibration_error
+from cec.evaluation.metrics import evaluate, micro_f1, tune_threshold
 
 Fitted = Callable[[np.ndarray], np.ndarray]  # note indices -> [len, codes] probabilities
 
@@ -83,7 +83,7 @@ def two_fold(system, y: np.ndarray, seed: int = 0, per_code: bool = False) -> di
         tune_ece.append(expected_calibration_error(tune_p, y[tune]))
     pooled = evaluate(y, probs, 0.5)  # AUC and P@k do not depend on the threshold; F1 recomputed below
     low, high = bootstrap_micro_f1(y, pred)
-    from cec.metrics import macro_f1
+    from cec.evaluation.metrics import macro_f1
 
     return {
         "micro_f1": micro_f1(y, pred), "micro_f1_ci95": [low, high], "macro_f1": macro_f1(y, pred),

@@ -9,7 +9,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cec.errors import CECError, DataError
-from cec.metrics import label_matrix, micro_f1, tune_threshold
+from cec.evaluation.metrics import label_matrix, micro_f1, tune_threshold
 
 
 @dataclass

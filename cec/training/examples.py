@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from cec import prompts
+from cec.coding import prompts
 from cec.errors import DataError
 
 
@@ -28,7 +28,7 @@ class ExampleOptions:
     false_ratio: float = 1.0  # label stage: false codes asked per true code
     min_false: int = 2  # label stage: at least this many false codes per note
     max_questions: int | None = None  # a random subset of at most this many questions per note
-    label_layout: str = "paper"  # label stage: "paper" (Fig. 4 verbatim) or "compact" (cec.prompts)
+    label_layout: str = "paper"  # label stage: "paper" (Fig. 4 verbatim) or "compact" (cec.coding.prompts)
 
 
 @dataclass

@@ -13,8 +13,8 @@ Label-stage layouts (DESIGN.md, item 5):
   adapters trained with it (train.py --label-layout compact); an adapter records its layout in cec_adapter.json.
 
 For "paper", prefix + question is exactly the paper's prompt text. Token ids (`encode`): the prefix with BOS, each question
-without BOS, concatenated; training (cec.trainer) and inference (cec.cache) both build ids this way, so they
-agree token for token. The model's answer is read at the last question token by the yes/no head (cec.heads).
+without BOS, concatenated; training (cec.training.trainer) and inference (cec.engine.cache) both build ids this way, so they
+agree token for token. The model's answer is read at the last question token by the yes/no head (cec.engine.heads).
 """
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ DIRECT_INSTRUCTION = (
 )
 DIRECT_QUESTION = "\n### Question: Does the note above report the diagnosis or procedure '{description}'?\n### Answer:"
 
-# answer spellings for the yes/no head (cec.heads.answer_token_ids turns them into token ids after a prompt)
+# answer spellings for the yes/no head (cec.engine.heads.answer_token_ids turns them into token ids after a prompt)
 YES_ANSWERS = (" yes", "yes", " Yes", "Yes")
 NO_ANSWERS = (" no", "no", " No", "No")
 
@@ -142,8 +142,8 @@ def encode(tokenizer, prefix: str, questions: Sequence[str]) -> tuple[list[int],
 
 def answer_ids(tokenizer, stage: str = "concept", layout: str = "paper") -> tuple[list[int], list[int]]:
     """(yes ids, no ids) of the answer spellings, read after a sample prompt of the stage the way the model
-    sees it (cec.heads.answer_token_ids)."""
-    from cec.heads import answer_token_ids
+    sees it (cec.engine.heads.answer_token_ids)."""
+    from cec.engine.heads import answer_token_ids
 
     if stage == "label":
         prompt = label_prefix("note", layout) + label_question("disease", [("concept", True)], layout)
