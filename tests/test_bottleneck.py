@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cec.coding.bottleneck import Bottleneck, concept_logits
+from cec.coding.bottleneck import L2_GRID, Bottleneck, concept_logits
 from cec.coding.calibration import Platt, expected_calibration_error
 from cec.evaluation.crossfit import bottleneck_system, halves, score_system, two_fold
 from cec.errors import DataError
@@ -70,7 +70,7 @@ def test_out_of_fold_predictions_never_see_their_note(cs):
 
 def test_l2_is_chosen_by_cross_validation(cs):
     p, y = synthetic(cs, n=24)
-    assert Bottleneck.fit(cs, p, y, folds=2).l2 in __import__("cec.coding.bottleneck").bottleneck.L2_GRID
+    assert Bottleneck.fit(cs, p, y, folds=2).l2 in L2_GRID
 
 
 def test_concept_logits_are_clipped():

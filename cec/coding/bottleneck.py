@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from cec.errors import DataError
+from cec.io import atomic_write_json
 
 CLIP = 8.0
 L2_GRID = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
@@ -140,8 +141,6 @@ class Bottleneck:
 
     # -- files --------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
-        from cec.io import atomic_write_json
-
         texts = self.concept_texts or []
         codes = {c: {"bias": float(self.bias[j]),
                      "concepts": [{"id": i, "concept": texts[i] if texts else None, "weight": float(w),

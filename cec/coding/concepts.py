@@ -48,6 +48,7 @@ from pathlib import Path
 
 from cec.errors import CECError, DataError, json_error_text
 from cec.io import atomic_write_json, atomic_write_text
+from cec.engine.weights import load_model
 
 log = logging.getLogger(__name__)
 
@@ -468,7 +469,6 @@ class LocalModelBackend:
         if model is None or tokenizer is None:
             import torch
 
-            from cec.engine.weights import load_model  # the engine loads only when this backend is used
 
             if isinstance(dtype, str):
                 if not isinstance(getattr(torch, dtype, None), torch.dtype):

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from cec.errors import TokenizerError
+from cec.io import atomic_write_json, atomic_write_text
 
 # llama.cpp token types
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -163,7 +164,6 @@ class Tokenizer:
 
     def save(self, folder: str | Path, tokenizer_class: str | None = None) -> None:
         """tokenizer.json plus an HF-style tokenizer_config.json (tokenizers backends only), written atomically."""
-        from cec.io import atomic_write_json, atomic_write_text
 
         if self._spm:
             raise TokenizerError("save() writes tokenizer.json; a sentencepiece tokenizer is saved by copying "

@@ -18,7 +18,7 @@ import numpy as np
 
 from cec.coding.bottleneck import Bottleneck
 from cec.coding.calibration import Platt, expected_calibration_error
-from cec.evaluation.metrics import evaluate, micro_f1, tune_threshold
+from cec.evaluation.metrics import evaluate, macro_f1, micro_f1, tune_threshold
 
 Fitted = Callable[[np.ndarray], np.ndarray]  # note indices -> [len, codes] probabilities
 
@@ -83,7 +83,6 @@ def two_fold(system, y: np.ndarray, seed: int = 0, per_code: bool = False) -> di
         tune_ece.append(expected_calibration_error(tune_p, y[tune]))
     pooled = evaluate(y, probs, 0.5)  # AUC and P@k do not depend on the threshold; F1 recomputed below
     low, high = bootstrap_micro_f1(y, pred)
-    from cec.evaluation.metrics import macro_f1
 
     return {
         "micro_f1": micro_f1(y, pred), "micro_f1_ci95": [low, high], "macro_f1": macro_f1(y, pred),
