@@ -1,9 +1,17 @@
-"""What every CLI shares: user errors become one line on stderr and exit code 2, never a traceback."""
+"""What every CLI shares: user errors become one line on stderr and exit code 2, never a traceback; the runtime
+options --device, --dtype and --threads, with one default rule (cuda when available, else cpu; bfloat16 on CUDA,
+float32 on CPU, as cec.engine.weights.default_dtype)."""
+import argparse
 import os
 import sys
 from contextlib import contextmanager
 
-from cec.errors import CECError
+import torch
+
+from cec.engine.weights import default_dtype
+from cec.errors import CECError, ConfigError
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @contextmanager
@@ -25,3 +33,40 @@ def user_errors(prog: str):
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def add_runtime_args(parser, dtypes: tuple[str, ...] = DTYPES) -> None:
+    """--device, --dtype and --threads; runtime(args) turns them into (device, dtype)."""
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu; under "
+                                         "torchrun cuda is cuda:LOCAL_RANK)")
+    parser.add_argument("--dtype", choices=("auto", *dtypes), default="auto",
+                        help="model weights: auto = bfloat16 on CUDA, float32 on CPU (default: %(default)s)")
+    parser.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads of torch (default: torch's)")
+
+
+def runtime(args):
+    """(torch.device, torch.dtype) of add_runtime_args' options, and --threads applied. A device that torch does
+    not know, or CUDA where there is none, is a ConfigError (one line)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and "LOCAL_RANK" in os.environ:  # under torchrun, one GPU per local rank
+        name = f"cuda:{os.environ['LOCAL_RANK']}"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r} (cpu, cuda, cuda:N, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is available")
+    dtype = default_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
+    return device, dtype

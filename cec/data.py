@@ -9,7 +9,8 @@ does not stop a build. A file with NUL bytes is binary, not text, and is refused
 
 Notes JSONL read for training and evaluation must be UTF-8, as JSON requires: a line that is not is a DataError
 naming the file and line (a BOM at the start is dropped), so a dataset is never trained or scored on silently
-altered text. (infer.py, which codes whatever notes a user has, decodes such a line with a warning instead.)
+altered text. Notes read to be coded (read_notes(dataset=False), infer.py) need no labels, and a line that is not
+UTF-8 is decoded with a warning instead, or the file is read strictly in another encoding.
 """
 import json
 import logging
@@ -32,33 +33,43 @@ def read_text_file(path: str | Path) -> str:
     return decode_text(data, str(path), "file")
 
 
-def decode_text(data: bytes, name: str, what: str = "data") -> str:
-    """Bytes of a note as text: NUL bytes refused (a binary file), a BOM dropped, undecodable UTF-8 replaced
-    with U+FFFD and a warning, line ends made \\n."""
-    if b"\x00" in data:
-        raise DataError(f"{name}: binary {what} (contains NUL bytes), expected text")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        log.warning("%s: not valid UTF-8 (byte %d); undecodable bytes replaced with U+FFFD", name, e.start)
-        text = data.decode("utf-8-sig", errors="replace")
+def decode_text(data: bytes, name: str, what: str = "data", encoding: str | None = None) -> str:
+    """Bytes of a note as text: NUL bytes refused (a binary file), a BOM dropped, line ends made \\n. UTF-8 with
+    undecodable bytes replaced by U+FFFD and a warning, or strictly `encoding` (a user's --encoding)."""
+    if encoding is not None:
+        try:
+            text = data.decode(encoding)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{name}: not valid {encoding} (byte {e.start}); check --encoding") from None
+        if "\x00" in text:
+            raise DataError(f"{name}: binary {what} (contains NUL characters), expected text")
+        text = text.lstrip("\ufeff")
+    else:
+        if b"\x00" in data:
+            raise DataError(f"{name}: binary {what} (contains NUL bytes), expected text")
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            log.warning("%s: not valid UTF-8 (byte %d); undecodable bytes replaced with U+FFFD", name, e.start)
+            text = data.decode("utf-8-sig", errors="replace")
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _validate_note(obj, where: str) -> dict:
+def _validate_note(obj, where: str, labels: bool = True) -> dict:
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    for key in ("id", "text", "labels"):
+    for key in ("id", "text", "labels") if labels else ("id", "text"):
         if key not in obj:
             raise DataError(f"{where}: missing key {key!r}")
     if not isinstance(obj["id"], str) or not obj["id"]:
         raise DataError(f"{where}: 'id' must be a non-empty string")
     if not isinstance(obj["text"], str) or not obj["text"].strip():
         raise DataError(f"{where}: 'text' must be a non-empty string (note {obj['id']!r})")
-    labels = obj["labels"]
-    if not isinstance(labels, list) or not all(isinstance(c, str) and c for c in labels):
-        raise DataError(f"{where}: 'labels' must be a list of non-empty strings (note {obj['id']!r})")
-    obj["labels"] = list(dict.fromkeys(labels))  # drop repeats, keep order
+    if labels:
+        codes = obj["labels"]
+        if not isinstance(codes, list) or not all(isinstance(c, str) and c for c in codes):
+            raise DataError(f"{where}: 'labels' must be a list of non-empty strings (note {obj['id']!r})")
+        obj["labels"] = list(dict.fromkeys(codes))  # drop repeats, keep order
     return obj
 
 
@@ -73,31 +84,48 @@ def parse_json_line(line: str, where: str):
         raise DataError(f"{where}: invalid JSON ({type(e).__name__}: {str(e)[:100]})") from None
 
 
-def read_notes(path: str | Path) -> list[dict]:
+def read_notes(path: str | Path, *, dataset: bool = True, encoding: str | None = None) -> list[dict]:
+    """The notes of a JSONL file, in file order (blank lines skipped); each error names the file and line.
+
+    dataset=True (training, evaluation): every note has "labels", a list of codes (repeats dropped), and the file
+    must be UTF-8. dataset=False (notes to code): "labels" is optional and kept as it is; bytes that are not UTF-8
+    are replaced with a warning. `encoding` reads the whole file strictly in that codec instead (UTF-16 and the
+    like cannot be split into lines before decoding)."""
     path = Path(path)
+    notes, seen = [], {}
+    for lineno, line in _lines(path, strict=dataset, encoding=encoding):
+        where = f"{path}:{lineno}"
+        if not line.strip():
+            continue
+        note = _validate_note(parse_json_line(line, where), where, labels=dataset)
+        if note["id"] in seen:
+            raise DataError(f"{where}: duplicate note id {note['id']!r} (first on line {seen[note['id']]})")
+        seen[note["id"]] = lineno
+        notes.append(note)
+    return notes
+
+
+def _lines(path: Path, strict: bool, encoding: str | None):
+    """(line number, text) of a notes file."""
     try:
         f = open(path, "rb")
     except FileNotFoundError:
         raise DataError(f"{path}: no such notes file") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a directory, expected a notes JSONL file") from None
-    notes, seen = [], {}
     with f:
-        for lineno, line in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                line = line.decode("utf-8-sig" if lineno == 1 else "utf-8")  # an editor's BOM is dropped
-            except UnicodeDecodeError as e:
-                raise DataError(f"{where}: not valid UTF-8 (byte {e.start + 1}); notes files must be UTF-8") from None
-            if not line.strip():
+        if encoding is not None:
+            yield from enumerate(decode_text(f.read(), str(path), encoding=encoding).split("\n"), start=1)
+            return
+        for lineno, raw in enumerate(f, start=1):
+            if not strict:
+                yield lineno, decode_text(raw, f"{path}:{lineno}")
                 continue
-            obj = parse_json_line(line, where)
-            note = _validate_note(obj, where)
-            if note["id"] in seen:
-                raise DataError(f"{where}: duplicate note id {note['id']!r} (first on line {seen[note['id']]})")
-            seen[note["id"]] = lineno
-            notes.append(note)
-    return notes
+            try:
+                yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # an editor's BOM is dropped
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start + 1}); notes files must be "
+                                "UTF-8") from None
 
 
 def write_notes(path: str | Path, notes: list[dict]) -> None:

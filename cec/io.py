@@ -1,10 +1,15 @@
-"""Atomic writes: a temp file in the same folder, fsync, then rename; a crash never leaves half a file."""
+"""Files written whole or not at all: atomic files and folders (built under a temporary name, then renamed), and
+append-only JSONL whose lines a crash can tear only at the end."""
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from cec.errors import DataError
+
+TMP_PREFIX = ".tmp-"  # atomic_folder's temporary folders: .tmp-NAME-XXXXXXXX beside NAME
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -38,6 +43,90 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj, indent: int | None = 1) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+@contextmanager
+def atomic_folder(path: str | Path, keep_if=None):
+    """Build a folder in the yielded temporary folder beside `path`; when the block ends it is renamed to `path`
+    whole (an older `path` is replaced). On an error the temporary folder is removed and `path` is left as it was;
+    a process killed meanwhile leaves only a TMP_PREFIX folder. keep_if(), checked at the end: when it holds
+    (another process built the same folder first), the existing `path` is kept and ours dropped."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}-"))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the folder the mode a plain mkdir would
+        yield tmp
+        if keep_if is not None and keep_if():
+            shutil.rmtree(tmp)
+            return
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class AppendJsonl:
+    """An append-only JSONL file. Each record is one line written by a single os.write, so a process killed
+    mid-write tears at most the last line; read() skips lines that do not parse, and the first append() after
+    a torn tail starts a fresh line, so the torn bytes stay a line of their own and never join a record.
+    fsync=True: each line is on disk before append() returns (else only at flush() or close())."""
+
+    def __init__(self, path: str | Path, fsync: bool = False):
+        self.path, self.fsync = Path(path), fsync
+        self._fd: int | None = None
+
+    def read(self) -> tuple[list, int]:
+        """(the records in file order, how many non-blank lines did not parse); ([], 0) for a missing file."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return [], 0
+        records, skipped = [], 0
+        for line in data.split(b"\n"):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except (ValueError, RecursionError):  # a torn line (ValueError includes bad UTF-8)
+                skipped += 1
+        return records, skipped
+
+    def append(self, record) -> None:
+        if self._fd is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+            size = os.fstat(self._fd).st_size
+            if size and os.pread(self._fd, 1, size - 1) != b"\n":
+                os.write(self._fd, b"\n")  # after a torn tail
+        data = memoryview((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+        while data:
+            data = data[os.write(self._fd, data):]
+        if self.fsync:
+            os.fsync(self._fd)
+
+    def rewrite(self, records) -> None:
+        """Replace the whole file with these records, atomically (e.g. to drop lines a resumed run redoes)."""
+        self.close()
+        atomic_write_text(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+    def flush(self) -> None:
+        if self._fd is not None:
+            os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "AppendJsonl":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def prepare_output(path: str | Path) -> Path:

@@ -38,6 +38,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cec.cli import user_errors
+from cec.coding.output import code_set_doc, note_json
+from cec.commands.infer import add_model_args, load_pipeline, note_language, positive_int
 from cec.errors import CECError, ConfigError
 
 PROG = "cec.serve"
@@ -231,8 +234,6 @@ def is_loopback(host: str) -> bool:
 
 
 def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
-    from cec.commands.infer import add_model_args, positive_int
-
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
@@ -249,7 +250,6 @@ def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
                    help="most notes in one batch request (default: %(default)s)")
     p.add_argument("--max-queue", type=positive_int, default=256, metavar="N",
                    help="most notes waiting to be coded; more get 503 (default: %(default)s)")
-    p.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads of torch (default: torch's)")
     add_model_args(p)
     return p.parse_args(argv)
 
@@ -268,18 +268,11 @@ def check_bind(host: str, port: int) -> None:
 def serve(args) -> None:
     import uvicorn
 
-    from cec.commands.infer import load_pipeline, note_language
-    from cec.coding.output import code_set_doc, note_json
-
     if not is_loopback(args.host) and not args.token and not args.insecure:
         raise ConfigError(f"--host {args.host} is reachable from other machines: give --token (or "
                           "CEC_SERVE_TOKEN), or --insecure to serve it without one")
     check_bind(args.host, args.port)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    pipeline = load_pipeline(args)
+    pipeline = load_pipeline(args)  # applies --threads (cec.cli.runtime)
     coder = Coder(lambda text, note_id: note_json(pipeline.code_note(text, note_id), text, pipeline),
                   args.max_queue)
     app = make_app(coder, code_set_doc(pipeline.cs, note_language(args)), token=args.token,
@@ -289,8 +282,6 @@ def serve(args) -> None:
 
 
 def main(argv=None, prog: str = PROG) -> int:
-    from cec.cli import user_errors
-
     logging.basicConfig(format=f"{prog}: %(levelname)s: %(message)s", level=logging.WARNING)
     args = parse_args(argv, prog)
     with user_errors(prog):

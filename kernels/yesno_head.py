@@ -5,7 +5,8 @@ accumulates its dot products with every answer row, so the normed hidden never g
 full-vocabulary logits exist. Everything is computed in fp32 after each load; where the model runs in 16-bit the
 kernel rounds where HF's reference rounds (the normed hidden, Llama's weight product, the logits, each soft-cap
 step), so bf16 scores agree with `cec.engine.heads.yes_no_scores_reference` to within accumulation order.
-The reference lives in `cec/engine/heads.py`; tests compare the two under TRITON_INTERPRET=1.
+`llama_norm` is the model's cast rule (ModelConfig.llama_norm), with any norm offset. The reference lives in
+`cec/engine/heads.py`; tests compare the two under TRITON_INTERPRET=1.
 """
 import torch
 import triton
@@ -55,7 +56,7 @@ def _yes_no_kernel(
         x = x.to(tl.float32)
         w = tl.load(w_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32) + NORM_OFFSET
         normed = x * rstd[:, None]
-        if LLAMA_NORM:  # cast to the input dtype, then times the weight in the weight's dtype
+        if LLAMA_NORM:  # cast to the input dtype, then times (offset + w) in the weight's dtype
             if ROUND_NORM:
                 normed = normed.to(x_ptr.dtype.element_ty).to(tl.float32)
             if ROUND_WEIGHT:
@@ -63,7 +64,7 @@ def _yes_no_kernel(
             normed = normed * w[None, :]
             if ROUND_PROD:
                 normed = normed.to(x_ptr.dtype.element_ty).to(tl.float32)
-        else:  # Gemma: times (offset + w) in fp32, then cast to the input dtype
+        else:  # times (offset + w) in fp32, then cast to the input dtype
             normed = normed * w[None, :]
             if ROUND_NORM:
                 normed = normed.to(x_ptr.dtype.element_ty).to(tl.float32)

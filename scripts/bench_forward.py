@@ -4,7 +4,7 @@ Prints one JSON object. Load times: first load into an empty cache (GGUF read, d
 written) and the cached load. The forward pass returns logits for the last token only, on both sides
 (transformers: logits_to_keep=1); runs alternate between the two models so background load hits both alike.
 
-    .venv/bin/python scripts/bench_forward.py [--tokens 2000] [--repeats 3] [--device cpu]
+    .venv/bin/python scripts/bench_forward.py [--tokens 2000] [--repeats 3] [--device cpu] [--dtype float32]
 """
 import argparse
 import json
@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cec.cli import add_runtime_args, runtime, user_errors  # noqa: E402
 
 TEXT = (
     "The patient is a 68-year-old woman with hypertension, type 2 diabetes mellitus, chronic kidney disease "
@@ -48,18 +50,19 @@ def main():
     ap.add_argument("--model", default="gemma3-270m")
     ap.add_argument("--tokens", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--device", default="cpu")
+    add_runtime_args(ap)
     ap.add_argument("--skip-hf", action="store_true", help="time ours only")
     args = ap.parse_args()
+    device, dtype = runtime(args)
 
     import cec.engine.weights as W
 
     with tempfile.TemporaryDirectory() as cache:  # first load: an empty cache, so the GGUF is converted
         os.environ["CEC_CACHE"] = cache
-        load_first, _ = timed(lambda: W.load_model(args.model, device=args.device))
-        load_cached, (model, tok) = timed(lambda: W.load_model(args.model, device=args.device))
+        load_first, _ = timed(lambda: W.load_model(args.model, device=device, dtype=dtype))
+        load_cached, (model, tok) = timed(lambda: W.load_model(args.model, device=device, dtype=dtype))
         folder = W.resolve(args.model)
-        ids = torch.tensor([prompt_ids(tok, args.tokens)], device=args.device)
+        ids = torch.tensor([prompt_ids(tok, args.tokens)], device=device)
 
         def sync(x):
             if ids.device.type == "cuda":
@@ -71,7 +74,7 @@ def main():
                 last = torch.tensor([ids.shape[1] - 1], device=ids.device)  # final layer: that row only
                 return sync(model.logits(model(ids, last=last))[0, -1].float())
 
-        result = {"model": args.model, "tokens": args.tokens, "device": args.device, "dtype": str(model.dtype),
+        result = {"model": args.model, "tokens": args.tokens, "device": str(device), "dtype": str(model.dtype),
                   "threads": torch.get_num_threads(), "load_first_s": round(load_first, 2),
                   "load_cached_s": round(load_cached, 2)}
         runs = {"ours": []}
@@ -80,7 +83,7 @@ def main():
             from transformers import AutoModelForCausalLM
 
             load_hf, hf = timed(lambda: AutoModelForCausalLM.from_pretrained(
-                str(folder), dtype=model.dtype, attn_implementation="sdpa").to(args.device).eval())
+                str(folder), dtype=model.dtype, attn_implementation="sdpa").to(device).eval())
             result["load_hf_from_converted_folder_s"] = round(load_hf, 2)
 
             def transformers():
@@ -107,4 +110,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors("bench_forward.py"):
+        main()

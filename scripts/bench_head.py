@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from cec.cli import user_errors  # noqa: E402
+from cec.cli import add_runtime_args, runtime, user_errors  # noqa: E402
 from cec.errors import ConfigError  # noqa: E402
 from cec.engine.heads import YesNoHead, rms_norm, use_kernel, yes_no_scores  # noqa: E402
 from cec.io import atomic_write_json  # noqa: E402
@@ -75,9 +75,7 @@ def peak_mb(fn, device: str) -> float | None:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default bfloat16 on CUDA, float32 on CPU")
+    add_runtime_args(p)
     p.add_argument("--vocab", type=int, default=None, help="default 128256 on CUDA, 262144 on CPU")
     p.add_argument("--hidden", type=int, default=None, help="default 4096 on CUDA, 640 on CPU")
     p.add_argument("--rows", type=int, default=375, help="hidden rows scored per call (questions in a batch)")
@@ -86,11 +84,8 @@ def main(argv=None) -> dict:
     p.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     args = p.parse_args(argv)
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA GPU is visible")
-    cuda = device == "cuda"
-    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    device, dtype = runtime(args)
+    cuda = device.type == "cuda"
     vocab = args.vocab or (128256 if cuda else 262144)
     hidden_size = args.hidden or (4096 if cuda else 640)
     family = args.family or ("llama" if cuda else "gemma")
@@ -122,7 +117,7 @@ def main(argv=None) -> dict:
         got, want = run_head(), run_full()
         results = {}
         for name, fn in (("head", run_head), ("head_gather", run_head_gather), ("full_vocab", run_full)):
-            results[name] = {"ms": round(time_ms(fn, device, iters), 4), "peak_mb": peak_mb(fn, device),
+            results[name] = {"ms": round(time_ms(fn, device.type, iters), 4), "peak_mb": peak_mb(fn, device.type),
                              "call_us": round(call_us(fn), 1) if cuda else None}
     flops_full = 2 * args.rows * hidden_size * vocab
     report = {

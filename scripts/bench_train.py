@@ -24,10 +24,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cec.coding import prompts  # noqa: E402
-from cec.engine.cache import head_for  # noqa: E402
+from cec.cli import add_runtime_args, runtime, user_errors  # noqa: E402
+from cec.coding import prompts, stages  # noqa: E402
+from cec.engine.scorer import head_for  # noqa: E402
 from cec.engine.lora import inject_lora  # noqa: E402
-from cec.training.trainer import pack_questions, pack_scores  # noqa: E402
+from cec.training.packing import pack_questions, pack_scores  # noqa: E402
 
 CODIESP = ROOT.parent / "shared" / "data" / "codiesp" / "train" / "text_files_en"
 FALLBACK = (
@@ -70,16 +71,14 @@ def main():
     ap.add_argument("--repeats", type=int, default=2, help="packed passes per note (naive questions in between)")
     ap.add_argument("--prefix-tokens", type=int, default=500, help="target prefix length (CodiEsp-like)")
     ap.add_argument("--max-tokens", type=int, default=4096)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    add_runtime_args(ap, dtypes=("float32", "bfloat16"))
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    from cec.engine.weights import default_dtype, load_model
+    from cec.engine.weights import load_model
 
-    device = torch.device(args.device)
-    dtype = default_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
+    device, dtype = runtime(args)
     model, tok = load_model(args.model, device=device, dtype=dtype)
     torch.manual_seed(args.seed)
     inject_lora(model, "all-linear", r=32, alpha=32, dropout=0.0)
@@ -88,7 +87,7 @@ def main():
 
         enable_gradient_checkpointing(model)
     model.train()
-    yes, no = prompts.answer_ids(tok, "concept")
+    yes, no = stages.CONCEPT.answer_ids(tok)
     head = head_for(model, yes, no)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
@@ -98,7 +97,7 @@ def main():
     notes = []
     for i, text in enumerate(pick_notes(tok, args.notes, args.prefix_tokens)):
         qs = concepts[i * args.questions: (i + 1) * args.questions]
-        prefix, questions = prompts.encode(tok, prompts.concept_prefix(text), [prompts.concept_question(c) for c in qs])
+        prefix, questions = stages.encode(tok, prompts.concept_prefix(text), [prompts.concept_question(c) for c in qs])
         notes.append((prefix, questions, [rng.randint(0, 1) for _ in qs]))
 
     def sync():
@@ -183,4 +182,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors("bench_train.py"):
+        main()

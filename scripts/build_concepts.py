@@ -22,7 +22,7 @@ import logging
 import sys
 from pathlib import Path
 
-from cec.cli import user_errors
+from cec.cli import add_runtime_args, runtime, user_errors
 from cec.coding.concepts import (DEFAULT_GAMMA, ChatCompletionsBackend, LocalModelBackend, build_concept_set,
                           code_entries, generate_candidates, read_candidates)
 from cec.data import read_text_file
@@ -90,8 +90,7 @@ def main(argv=None):
     gen.add_argument("--timeout", type=float, default=180.0)
     gen.add_argument("--retries", type=int, default=4, help="retries of a failed HTTP request")
     gen.add_argument("--model-path", help="local model folder, GGUF file or hub id (local backend)")
-    gen.add_argument("--device", default="cpu")
-    gen.add_argument("--dtype", default=None)
+    add_runtime_args(gen)  # local backend
     gen.add_argument("--max-new-tokens", type=int, default=1024)
     gen.add_argument("--attempts", type=int, default=3, help="calls per batch before a code is reported failed")
     args = ap.parse_args(argv)
@@ -116,8 +115,8 @@ def main(argv=None):
         else:
             if not args.model_path:
                 raise DataError("--backend local needs --model-path")
-            backend = LocalModelBackend(args.model_path, device=args.device, dtype=args.dtype,
-                                        max_new_tokens=args.max_new_tokens)
+            device, dtype = runtime(args)
+            backend = LocalModelBackend(args.model_path, device=device, dtype=dtype, max_new_tokens=args.max_new_tokens)
         raw = generate_candidates(entries, backend, args.raw, code_system=args.code_system,
                                   code_set=args.name or args.codes.stem, max_attempts=args.attempts)
         for f in raw["failures"]:

@@ -27,7 +27,8 @@ from cec.evaluation.crossfit import bottleneck_system, halves, score_system, two
 from cec.data import read_notes  # noqa: E402
 from cec.errors import DataError  # noqa: E402
 from cec.evaluation.score_cache import ScoreCache  # noqa: E402
-from cec.evaluation.systems import CONCEPTS, System, fingerprints, leaf_view, resolve_setup  # noqa: E402
+from cec.evaluation.systems import CONCEPTS, System, fingerprints, leaf_view  # noqa: E402
+from cec.evaluation.systems import resolve_setup, tfidf_scores  # noqa: E402
 from cec.io import atomic_write_json, atomic_write_text  # noqa: E402
 from cec.evaluation.metrics import label_matrix, tune_threshold  # noqa: E402
 
@@ -66,8 +67,6 @@ def main(argv=None):
     rows = {}  # name -> (system fn, notes mask)
     everyone = np.ones(len(notes), dtype=bool)
     if args.train:
-        from cec.evaluation.systems import tfidf_scores
-
         train = read_notes(args.train)
         tfidf_cache = ScoreCache(Path(args.cache).with_suffix(".tfidf.jsonl"))
 

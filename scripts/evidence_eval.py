@@ -25,6 +25,9 @@ import torch
 
 from cec.evaluation.align import align, map_span, parse_offsets
 from cec.coding.attribution import attribute, evidence_weights, note_sentences
+from cec.coding.output import code_list
+from cec.coding.pipeline import CECPipeline, shown_concepts
+from cec.coding.stages import prefix_ids
 from cec.data import read_codes
 from cec.io import atomic_write_json
 from cec.coding.report import sentence_spans, tokens
@@ -86,15 +89,11 @@ def random_hit(n: int, g: int, k: int) -> float:
 def recode_score(pipe, text: str, j: int, note_id: str, concept_p=None) -> float:
     """The logit of P(code j) for `text`, coded as code_note codes it (stage 1 whole unless concept_p is given,
     stage 2 for code j only)."""
-    from cec.coding import prompts
-    from cec.coding.pipeline import shown_concepts
-
     text = pipe.fit_note(text)
     if concept_p is None:
-        prefix = pipe.tokenizer.encode(prompts.concept_prefix(text), add_bos=True)
-        concept_p = torch.sigmoid(pipe.concept_scorer.score(prefix, pipe.concept_questions))
+        concept_p = pipe.concept_probs(text)
     q = pipe.label_question_ids(concept_p, shown_concepts(pipe.config, pipe.cs, concept_p, note_id))[j]
-    prefix = pipe.tokenizer.encode(prompts.label_prefix(text, pipe.layout), add_bos=True)
+    prefix = prefix_ids(pipe.tokenizer, pipe.stages["label"].prefix(text))
     return float(pipe.label_scorer.score(prefix, [q])[0])
 
 
@@ -139,8 +138,6 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     notes = [json.loads(line) for line in args.dev.read_text(encoding="utf-8").splitlines() if line.strip()]
-    from cec.coding.pipeline import CECPipeline
-
     pipe = CECPipeline.load(args.pipeline)
     codes = list(pipe.cs.codes)
     assert set(read_codes(args.src / "codiesp50_codes.tsv")) == set(codes), "pipeline is not CodiEsp-D50"
@@ -157,7 +154,7 @@ def main(argv=None) -> dict:
         result = pipe.code_note(text, nid)
         t1 = time.perf_counter()
         spans = note_sentences(text)
-        predicted = [codes.index(c["code"]) for c in result.codes if c["predicted"]]
+        predicted = [codes.index(c["code"]) for c in code_list(result, pipe) if c["predicted"]]
         pred_scores = attribute(pipe, text, result, predicted, spans)[3]  # add_evidence's work, less the JSON
         t2 = time.perf_counter()
         times.append((t1 - t0, t2 - t1))
@@ -181,7 +178,7 @@ def main(argv=None) -> dict:
             by_pred[j in predicted][1] += bool(g & set(orders["ours"][:3]))
             n_pairs += 1
         if predicted and not args.no_faithfulness and len(spans) > 1:
-            top = 0  # result.codes is sorted by probability: the most probable predicted code
+            top = 0  # code_list is sorted by probability: the most probable predicted code
             j = predicted[top]
             x = recode_score(pipe, text, j, nid, result.concept_probs)
             best = spans[int(torch.argmax(pred_scores[top]))]

@@ -20,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from cec.cli import user_errors  # noqa: E402
+from cec.coding.output import code_list  # noqa: E402
+from cec.coding.pipeline import CECPipeline  # noqa: E402
 
 # (code, kind, note stating the finding as absent/past/family, control note stating it as present)
 CASES = [
@@ -102,7 +104,7 @@ def code_probability(pipe, text: str, code: str) -> float:
         full[own] = pipe.concept_probs(pipe.fit_note(text), own)
         p = pipe.bottleneck.probs(full)[j]
         return float(pipe.calibration(p) if pipe.calibration is not None else p)
-    return next(c["probability"] for c in pipe.code_note(text).codes if c["code"] == code)
+    return next(c["probability"] for c in code_list(pipe.code_note(text), pipe) if c["code"] == code)
 
 
 def main(argv=None):
@@ -111,8 +113,6 @@ def main(argv=None):
     ap.add_argument("--label-stage", choices=("llm", "linear"), help="override the pipeline's stage 2")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    from cec.coding.pipeline import CECPipeline
-
     torch.set_num_threads(args.threads)
     pipe = CECPipeline.load(args.pipeline, label_stage=args.label_stage)
     t0 = time.perf_counter()

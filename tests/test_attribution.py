@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from cec.coding.attribution import (add_evidence, drops, explain, fitted_spans, note_sentences, token_ranges)
-from cec.engine.cache import PrefixScorer, head_for, score_naive
+from cec.coding.output import note_json
+from cec.engine.scorer import PrefixScorer, head_for, score_naive
 from hf_tiny import FAMILIES, hf_model, ours_from_hf
 
 TOL = 1e-4
@@ -140,13 +141,13 @@ def test_code_scores_are_weighted_concept_drops_plus_the_code_question_drop(pipe
 
 
 def test_concept_drops_equal_rescoring_with_the_sentence_masked(pipe):
-    from cec.coding import prompts
+    from cec.coding import prompts, stages
     from cec.coding.attribution import concept_drops
 
     spans = note_sentences(NOTE)
     d = concept_drops(pipe, NOTE, [0, 5], spans)
     prefix_text = prompts.concept_prefix(NOTE)
-    prefix = pipe.tokenizer.encode(prefix_text, add_bos=True)
+    prefix = stages.prefix_ids(pipe.tokenizer, prefix_text)
     ranges = token_ranges(pipe.tokenizer, prefix_text, len(prompts.CONCEPT_INSTRUCTION), spans)
     sc = pipe.concept_scorer
     qs = [pipe.concept_questions[0], pipe.concept_questions[5]]
@@ -160,7 +161,7 @@ def test_json_gets_spans_per_predicted_code_and_a_sentence_per_yes_concept(pipe)
 
     pipe.config.threshold = 0.0  # every code predicted
     result = pipe.code_note(NOTE)
-    doc = result.to_json(NOTE, "icd9cm", 0.0)
+    doc = note_json(result, NOTE, pipe)
     add_evidence(doc, pipe, NOTE, result)
     assert "evidence_seconds" in doc["timing"]
     spans = explain(pipe, NOTE, result)

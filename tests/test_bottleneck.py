@@ -117,6 +117,7 @@ def test_two_fold_predicts_each_note_from_the_other_half(cs):
 def test_pipeline_with_a_linear_stage_2(cs, tmp_path):
     from tiny_train import save_tiny_model
 
+    from cec.coding.output import code_list
     from cec.coding.pipeline import CECPipeline
 
     save_tiny_model(tmp_path / "model")
@@ -132,7 +133,8 @@ def test_pipeline_with_a_linear_stage_2(cs, tmp_path):
     note = "Fever and chills. High blood pressure.\n"
     result = pipe.code_note(note)
     expected = cal(pipe.bottleneck.probs(result.concept_probs))
-    by_code = {c["code"]: c for c in result.codes}
+    assert result.shown is None and result.code_probs.tolist() == pytest.approx(expected.tolist(), abs=1e-12)
+    by_code = {c["code"]: c for c in code_list(result, pipe)}
     for j, code in enumerate(cs.codes):
         c = by_code[code]
         assert c["probability"] == pytest.approx(float(expected[j]), abs=1e-6)

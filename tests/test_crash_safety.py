@@ -100,7 +100,7 @@ def train_args(kit, out, *extra):
 def test_training_killed_with_sigkill_resumes_to_the_same_adapter(kit, tmp_path):
     from safetensors.torch import load_file
 
-    from cec.training.trainer import latest_checkpoints
+    from cec.training.checkpoint import latest_checkpoints
 
     full = tmp_path / "full"
     proc = run("train.py", *train_args(kit, full))
@@ -279,7 +279,8 @@ def test_a_failed_rename_leaves_the_old_file_intact_and_no_temp_file(kit, tmp_pa
 
 def test_a_failed_checkpoint_rename_keeps_the_previous_checkpoint(kit, tmp_path, monkeypatch):
     import train
-    from cec.training.trainer import Trainer, latest_checkpoints
+    from cec.training.checkpoint import latest_checkpoints
+    from cec.training.trainer import Trainer
 
     out = tmp_path / "run"
     args = [str(a) for a in train_args(kit, out)]
@@ -306,11 +307,9 @@ def test_a_failed_checkpoint_rename_keeps_the_previous_checkpoint(kit, tmp_path,
 # cec.io.atomic_write_* (or add it here with the reason it cannot leave a half-written file behind).
 RAW_WRITES = {
     ("cec/io.py", "atomic_write_bytes"): "the temp file that os.replace then renames",
-    ("cec/training/trainer.py", "save_checkpoint"): "trainer_state.pt inside a temporary folder renamed whole",
-    ("cec/training/trainer.py", "_write_log"): "append-only JSONL; a line torn by a crash is dropped on resume",
-    ("cec/engine/weights.py", "_write_safetensors"): "inside the temporary folder convert_gguf renames whole",
-    ("cec/evaluation/score_cache.py", "put"): "append-only score cache; a torn last line is skipped when read",
-    ("cec/commands/infer.py", "__init__"): "LineWriter: one os.write per line, fsync; completed_ids cuts a torn last line",
+    ("cec/io.py", "append"): "AppendJsonl: one os.write per line; readers skip a torn last line",
+    ("cec/training/checkpoint.py", "write_checkpoint"): "trainer_state.pt inside an atomic_folder",
+    ("cec/engine/weights.py", "_write_safetensors"): "inside the atomic_folder convert_gguf builds",
     ("cec/commands/infer.py", "completed_ids"): "truncates a torn last line of its own format in place",
 }
 

@@ -59,6 +59,41 @@ def test_invalid_utf8_line(tmp_path):
         read_notes(path)
 
 
+def test_notes_to_code_need_no_labels_and_keep_theirs(tmp_path):
+    path = tmp_path / "n.jsonl"
+    path.write_text('{"id": "a", "text": "fever"}\n\n{"id": "b", "text": "cough", "labels": "kept as it is"}\n')
+    assert read_notes(path, dataset=False) == [{"id": "a", "text": "fever"},
+                                               {"id": "b", "text": "cough", "labels": "kept as it is"}]
+    with pytest.raises(DataError, match="n.jsonl:1: missing key 'labels'"):
+        read_notes(path)
+    for line, message in (('["a"]', "n.jsonl:1: expected a JSON object"), ('{"text": "x"}', "missing key 'id'"),
+                          ('{"id": "a", "text": " "}', "'text' must be a non-empty string"),
+                          ('{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}', "n.jsonl:2: duplicate note id 'a'")):
+        path.write_text(line + "\n")
+        with pytest.raises(DataError, match=message):
+            read_notes(path, dataset=False)
+
+
+def test_notes_to_code_replace_bad_utf8_with_a_warning_or_read_another_encoding_strictly(tmp_path, caplog):
+    path = tmp_path / "n.jsonl"
+    path.write_bytes('{"id": "a", "text": "ni\u00f1o", "labels": []}\r\n'.encode("utf-8")
+                     + '{"id": "b", "text": "ni\u00f1a", "labels": []}\n'.encode("latin-1"))
+    with caplog.at_level(logging.WARNING, logger="cec.data"):
+        notes = read_notes(path, dataset=False)
+    assert [n["text"] for n in notes] == ["ni\u00f1o", "ni\ufffda"]
+    assert f"{path}:2: not valid UTF-8" in caplog.text
+    with pytest.raises(DataError, match=r"n\.jsonl:2: not valid UTF-8"):
+        read_notes(path)
+    utf16 = tmp_path / "u16.jsonl"
+    utf16.write_bytes('{"id": "a", "text": "ni\u00f1o"}\n'.encode("utf-16"))
+    assert read_notes(utf16, dataset=False, encoding="utf-16") == [{"id": "a", "text": "ni\u00f1o"}]
+    with pytest.raises(DataError, match=r"u16\.jsonl: not valid ascii .*check --encoding"):
+        read_notes(utf16, dataset=False, encoding="ascii")
+    (tmp_path / "nul.jsonl").write_bytes(b'{"id": "a", "text": "x\x00"}\n')
+    with pytest.raises(DataError, match=r"nul\.jsonl:1: binary data"):
+        read_notes(tmp_path / "nul.jsonl", dataset=False)
+
+
 def test_write_notes_validates(tmp_path):
     with pytest.raises(DataError, match="'text'"):
         write_notes(tmp_path / "n.jsonl", [{"id": "x", "text": "", "labels": []}])

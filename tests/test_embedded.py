@@ -96,6 +96,7 @@ def test_shipped_pipeline_codes_a_note(ours):
     """The shipped pipeline folder loads onto the embedded model (every adapter fits it and the concept set's
     codes), its label layout is the one its label adapter was trained with, and it codes a note with evidence."""
     from cec.engine.lora import load_adapter
+    from cec.coding.output import code_list
     from cec.coding.pipeline import DEFAULT_PIPELINE, CECPipeline, PipelineConfig, share_base, trained_layout
 
     model, tokenizer = ours
@@ -112,9 +113,10 @@ def test_shipped_pipeline_codes_a_note(ours):
         assert (pipe.calibration is not None) == (stage == "linear")
         result = pipe.code_note(CLINICAL_NOTE)
         cs = pipe.cs
-        assert sorted(c["code"] for c in result.codes) == sorted(cs.codes)
+        codes = code_list(result, pipe)
+        assert sorted(c["code"] for c in codes) == sorted(cs.codes)
         texts = {c.text: c.id for c in cs.concepts}
-        for c in result.codes:
+        for c in codes:
             assert 0.0 <= c["probability"] <= 1.0
             assert c["predicted"] == (c["probability"] >= config.threshold)
             shown = [texts[e["concept"]] for e in c["evidence"]]

@@ -3,7 +3,6 @@ import importlib.util
 import json
 import math
 from pathlib import Path
-from functools import partial
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,10 +11,10 @@ import torch
 
 from cec.evaluation import metrics, score_cache, systems as evaluation
 
-from cec.coding import prompts
+from cec.coding import stages
 from cec.cli import user_errors
 from cec.data import write_notes
-from cec.coding.pipeline import PIPELINE_FILE, CECPipeline, PipelineConfig
+from cec.coding.pipeline import PIPELINE_FILE, CECPipeline, PipelineConfig, shown_concepts
 
 from tiny_train import CODES, random_lora_, save_tiny_model, tiny_concept_set, tiny_notes, tiny_tokenizer
 
@@ -75,13 +74,13 @@ def run_cli(work, out: Path, *extra) -> dict:
 
 def count_concept_calls(monkeypatch) -> list:
     calls = []
-    real = evaluation.concept_probs
+    real = CECPipeline.concept_probs
 
-    def counting(pipe, text):
+    def counting(pipe, text, concept_ids=None):
         calls.append(text)
-        return real(pipe, text)
+        return real(pipe, text, concept_ids)
 
-    monkeypatch.setattr(evaluation, "concept_probs", counting)
+    monkeypatch.setattr(CECPipeline, "concept_probs", counting)
     return calls
 
 
@@ -147,68 +146,77 @@ def test_end_to_end_metrics_once_per_note_and_resume(work, tmp_path, monkeypatch
         def __init__(self, *a, **k):
             raise AssertionError("the model was loaded although every score is cached")
 
-    monkeypatch.setattr(evaluation, "Models", NoModels)
+    monkeypatch.setattr(CECPipeline, "load", NoModels)
     monkeypatch.setattr("cec.evaluation.baselines.tfidf_logreg", NoModels)
     again = run_cli(work, out)
     assert again["systems"] == payload["systems"]
 
 
-def test_code_stage_matches_pipeline_and_direct_uses_base_model(work):
-    """code_probs on the shared concept probabilities is CECPipeline.code_note; direct w/o FT runs the bare
-    base model (no LoRA), direct-ft the direct adapter."""
-    from cec.engine.cache import head_for, score_naive
+def test_evaluation_scores_are_what_infer_computes_and_direct_uses_the_base_model(work, tmp_path):
+    """The evaluation's CEC scores of a note are CECPipeline.code_note's (infer.py's) probabilities; direct w/o FT
+    runs the bare base model (no LoRA, no concept adapter), direct-ft the direct adapter."""
     from cec.engine.lora import lora_layers
+    from cec.engine.scorer import head_for, score_naive
+    from cec.engine.weights import load_model
 
     setup = evaluation.resolve_setup(work.pipe)
-    models = evaluation.Models(setup)
-    pipe, note = models.pipe, work.notes[1]
-    want = pipe.code_note(note["text"], note["id"])
-    cp = evaluation.concept_probs(pipe, note["text"])
-    torch.testing.assert_close(cp, want.concept_probs)
-    got = evaluation.code_probs(pipe, note["text"], cp, note["id"])
-    expected = {c["code"]: c["probability"] for c in want.codes}
-    assert got.tolist() == pytest.approx([expected[c] for c in work.cs.codes], abs=2e-6)
+    systems, _ = evaluation.parse_systems(["cec-k4", "leaf", "direct", "direct-ft"], 4, True, False)
+    note = work.notes[1]
+    evaluator = evaluation.Evaluator(setup, systems, score_cache.ScoreCache(tmp_path / "s.jsonl"))
+    scores = evaluator.scores([note], "test")
+    want = CECPipeline.load(work.pipe).code_note(note["text"], note["id"])  # what infer.py computes
+    assert scores["cec-k4"][0].tolist() == pytest.approx(want.code_probs.tolist(), abs=2e-6)
+    assert not np.allclose(scores["leaf"][0], scores["cec-k4"][0])
 
-    base = models.direct_scorers["direct"].model
-    ft_model = models.direct_scorers["direct-ft"].model
+    pipe = evaluator.pipe
+    base, ft_model = pipe.direct_scorers[False].model, pipe.direct_scorers[True].model
     assert not lora_layers(base) and not lora_layers(ft_model)  # adapters folded into private copies
+    bare, _ = load_model(work.root / "model")
+    assert all(torch.equal(v, bare.state_dict()[k]) for k, v in base.state_dict().items())
     changed = [k for k, v in ft_model.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
     assert changed and all(k.endswith("proj.weight") for k in changed)
-    yes, no = prompts.answer_ids(models.tokenizer, "direct")
-    prefix = models.tokenizer.encode(prompts.direct_prefix(note["text"]), add_bos=True)
-    naive = torch.sigmoid(score_naive(base, head_for(base, yes, no), prefix, models.direct_questions))
-    direct = evaluation.direct_probs(models.direct_scorers["direct"], models.tokenizer, note["text"],
-                                     models.direct_questions)
-    torch.testing.assert_close(direct, naive, atol=1e-5, rtol=1e-5)
-    ft = evaluation.direct_probs(models.direct_scorers["direct-ft"], models.tokenizer, note["text"],
-                                 models.direct_questions)
-    assert not torch.allclose(ft, direct)
+    yes, no = stages.DIRECT.answer_ids(pipe.tokenizer)
+    prefix = stages.prefix_ids(pipe.tokenizer, stages.DIRECT.prefix(note["text"]))
+    naive = torch.sigmoid(score_naive(base, head_for(base, yes, no), prefix, pipe.direct_questions))
+    torch.testing.assert_close(torch.tensor(scores["direct"][0], dtype=torch.float32), naive, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pipe.direct_probs(note["text"]), naive, atol=1e-5, rtol=1e-5)
+    assert not np.allclose(scores["direct-ft"][0], scores["direct"][0])
+    with pytest.raises(ValueError, match="not loaded"):
+        CECPipeline.load(work.pipe).direct_probs(note["text"])
 
 
-def test_leaf_view_shows_only_leaf_concepts(monkeypatch):
+def test_shipped_pipeline_is_evaluated_with_its_label_llm_and_direct_adapter(capsys):
+    """The shipped pipeline's stage 2 is linear: its CEC systems still ask its label LLM (its own layout), and
+    direct-ft gets direct_adapter from cec_pipeline.json; no warning about a threshold evaluation does not use."""
+    setup = evaluation.resolve_setup()
+    assert setup.config.label_stage == "llm" and setup.config.label_layout == "compact"
+    assert all(setup.adapters[stage] is not None and setup.adapter_hashes[stage] for stage in setup.adapters)
+    assert setup.adapters["direct"].name == "direct"
+    assert capsys.readouterr().err == ""
+
+
+def test_leaf_view_shows_only_leaf_concepts():
     cs = tiny_concept_set()
     leaf = evaluation.leaf_view(cs)
     assert all(leaf.concept_ids(c) == cs.leaf_ids[c] for c in cs.codes)
     leaf_universe = {i for c in cs.codes for i in cs.leaf_ids[c]}
-    text_id = {c.text: c.id for c in cs.concepts}
-    shown = []
-    real = prompts.label_question
-    monkeypatch.setattr(prompts, "label_question",
-                        lambda d, answers, layout: shown.append((d, answers)) or real(d, answers, layout))
-    pipe = SimpleNamespace(config=PipelineConfig(k=2, m=2), tokenizer=tiny_tokenizer(), cs=cs, layout="paper")
-    pipe.label_question_ids = partial(CECPipeline.label_question_ids, pipe)
+    config = PipelineConfig(k=2, m=2)
     concept_p = torch.linspace(0.05, 0.95, len(cs.concepts))
     positive = concept_p >= 0.5
-    questions = evaluation.code_questions(pipe, concept_p, "n0", 2, leaf)
-    assert len(questions) == len(cs.codes) and len(shown) == len(cs.codes)
-    for code, (description, answers) in zip(cs.codes, shown):
-        assert description == CODES[code][0]
-        ids = [text_id[t] for t, _ in answers]
+    shown = shown_concepts(config, leaf, concept_p, "n0", 2)
+    assert len(shown) == len(cs.codes)
+    for code, ids in zip(cs.codes, shown):
         own = [i for i in ids if i in cs.leaf_ids[code]]
         outside = [i for i in ids if i not in cs.leaf_ids[code]]
         assert sorted(own) == sorted(sorted(cs.leaf_ids[code], key=lambda i: -float(concept_p[i]))[:2])
         assert len(outside) == 2 and all(i in leaf_universe and not positive[i] for i in outside)
-        assert [yes for _, yes in answers] == [bool(positive[i]) for i in ids]
+    # the label questions show them with their predicted answers, about the view's code descriptions
+    tok = tiny_tokenizer()
+    pipe = SimpleNamespace(config=config, tokenizer=tok, cs=cs, stages={"label": stages.LABEL})
+    questions = CECPipeline.label_question_ids(pipe, concept_p, shown, leaf)
+    for code, ids, q in zip(cs.codes, shown, questions):
+        answers = [(cs.concepts[i].text, bool(positive[i])) for i in ids]
+        assert q == stages.question_ids(tok, stages.LABEL.question(CODES[code][0], answers))
 
 
 def test_fingerprints_follow_what_each_system_depends_on(work):

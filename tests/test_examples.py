@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from cec.coding import prompts
+from cec.coding import prompts, stages
 from cec.errors import DataError
 from cec.training.examples import ExampleOptions, build_examples, check_labels, note_rng
 from tiny_train import tiny_concept_set, tiny_notes
@@ -17,7 +17,7 @@ def concept_of(question: str) -> str:
 
 
 def test_concept_stage_positives_and_negatives():
-    ex = build_examples("concept", NOTE, CS, seed=0, opts=ExampleOptions(neg_ratio=0.5, min_negatives=1))
+    ex = build_examples(stages.CONCEPT, NOTE, CS, seed=0, opts=ExampleOptions(neg_ratio=0.5, min_negatives=1))
     pos_texts = {CS.concepts[i].text for code in NOTE["labels"] for i in CS.concept_ids(code)}
     asked = [(concept_of(q), y) for q, y in zip(ex.questions, ex.labels)]
     assert {c for c, y in asked if y == 1} == pos_texts  # every concept of every true code
@@ -31,13 +31,13 @@ def test_concept_stage_positives_and_negatives():
 
 def test_shared_concept_of_a_true_code_is_never_a_negative():
     # "kidney injury" belongs to A1 (true) and B2 (false): it is positive only
-    ex = build_examples("concept", NOTE, CS, seed=3, opts=ExampleOptions(neg_ratio=None))
+    ex = build_examples(stages.CONCEPT, NOTE, CS, seed=3, opts=ExampleOptions(neg_ratio=None))
     assert [y for q, y in zip(ex.questions, ex.labels) if concept_of(q) == "kidney injury"] == [1]
 
 
 def test_label_stage_follows_the_paper():
     opts = ExampleOptions(k=2, m=1, false_ratio=1.0, min_false=1)
-    ex = build_examples("label", NOTE, CS, seed=1, opts=opts)
+    ex = build_examples(stages.LABEL, NOTE, CS, seed=1, opts=opts)
     c_pos = {CS.concepts[i].text for code in NOTE["labels"] for i in CS.concept_ids(code)}
     assert sorted(ex.keys[i] for i, y in enumerate(ex.labels) if y) == ["A1", "C3"]
     assert sum(1 - y for y in ex.labels) == 2
@@ -55,12 +55,12 @@ def test_label_stage_follows_the_paper():
 
 
 def test_direct_stage_asks_every_code_when_ratio_is_none():
-    ex = build_examples("direct", NOTE, CS, seed=0, opts=ExampleOptions(neg_ratio=None))
+    ex = build_examples(stages.DIRECT, NOTE, CS, seed=0, opts=ExampleOptions(neg_ratio=None))
     assert sorted(ex.keys) == sorted(CS.codes)
     assert {k for k, y in zip(ex.keys, ex.labels) if y} == {"A1", "C3"}
 
 
-@pytest.mark.parametrize("stage", prompts.STAGES)
+@pytest.mark.parametrize("stage", stages.STAGES.values(), ids=lambda s: f"{s.name}-{s.layout}")
 def test_deterministic_per_seed_epoch_and_note(stage):
     notes = tiny_notes()
     a = [build_examples(stage, n, CS, seed=7, epoch=1) for n in notes]
@@ -71,9 +71,10 @@ def test_deterministic_per_seed_epoch_and_note(stage):
 
 
 def test_note_without_codes_still_gets_negatives_and_max_questions_caps():
-    ex = build_examples("concept", {"id": "z", "text": "t", "labels": []}, CS, opts=ExampleOptions(min_negatives=3))
+    ex = build_examples(stages.CONCEPT, {"id": "z", "text": "t", "labels": []}, CS,
+                        opts=ExampleOptions(min_negatives=3))
     assert ex.labels == [0, 0, 0]
-    ex = build_examples("concept", NOTE, CS, opts=ExampleOptions(max_questions=4))
+    ex = build_examples(stages.CONCEPT, NOTE, CS, opts=ExampleOptions(max_questions=4))
     assert len(ex) == 4
 
 
@@ -86,8 +87,8 @@ def test_unknown_codes_are_an_error_or_dropped():
 
 def test_compact_label_layout_carries_the_same_answers():
     note = {"id": "n1", "text": "the note", "labels": ["A1"]}
-    paper = build_examples("label", note, CS, seed=3, opts=ExampleOptions(k=3, m=2))
-    compact = build_examples("label", note, CS, seed=3, opts=ExampleOptions(k=3, m=2, label_layout="compact"))
+    paper = build_examples(stages.LABEL, note, CS, seed=3, opts=ExampleOptions(k=3, m=2))
+    compact = build_examples(stages.LABEL_COMPACT, note, CS, seed=3, opts=ExampleOptions(k=3, m=2))
     assert compact.labels == paper.labels and compact.keys == paper.keys
     assert compact.prefix.startswith(paper.prefix) and len(compact.prefix) > len(paper.prefix)
     for p, c in zip(paper.questions, compact.questions):

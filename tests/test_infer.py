@@ -171,8 +171,9 @@ def test_label_layout_follows_the_adapter_and_scores_equal_naive(tiny, tmp_path)
     code questions; its code probabilities equal naive full-prompt scoring of exactly that text."""
     import torch
 
-    from cec.coding import prompts
-    from cec.engine.cache import head_for, score_naive
+    from cec.coding import prompts, stages
+    from cec.coding.output import code_list
+    from cec.engine.scorer import head_for, score_naive
     from cec.coding.pipeline import CECPipeline, shown_concepts
 
     folder = tmp_path / "compact"
@@ -184,14 +185,17 @@ def test_label_layout_follows_the_adapter_and_scores_equal_naive(tiny, tmp_path)
     assert CECPipeline.load(folder, label_layout="paper").layout == "paper"
     result = pipe.code_note(NOTE, "n0")
     shown = shown_concepts(pipe.config, pipe.cs, result.concept_probs, "n0")
+    assert result.shown == shown
     positive = (result.concept_probs >= pipe.config.concept_threshold).tolist()
-    texts = [prompts.label_question(pipe.cs.descriptions[c], [(pipe.cs.concepts[i].text, positive[i]) for i in ids],
-                                    "compact") for c, ids in zip(pipe.cs.codes, shown)]
+    texts = [prompts.compact_label_question(pipe.cs.descriptions[c],
+                                            [(pipe.cs.concepts[i].text, positive[i]) for i in ids])
+             for c, ids in zip(pipe.cs.codes, shown)]
     assert all(t.startswith("---\n### Concepts:\n- ") for t in texts)
-    prefix, questions = prompts.encode(pipe.tokenizer, prompts.label_prefix(NOTE, "compact"), texts)
-    yes, no = prompts.answer_ids(pipe.tokenizer, "label", "compact")
+    prefix, questions = stages.encode(pipe.tokenizer, prompts.compact_label_prefix(NOTE), texts)
+    yes, no = stages.LABEL_COMPACT.answer_ids(pipe.tokenizer)
     naive = torch.sigmoid(score_naive(pipe.label_model, head_for(pipe.label_model, yes, no), prefix, questions))
-    got = {c["code"]: c["probability"] for c in result.codes}
+    assert result.code_probs.tolist() == pytest.approx(naive.tolist(), abs=1e-5)
+    got = {c["code"]: c["probability"] for c in code_list(result, pipe)}  # the JSON's: rounded to 6 digits
     assert [got[c] for c in pipe.cs.codes] == pytest.approx(naive.tolist(), abs=1e-5)
 
 
@@ -497,8 +501,8 @@ def test_bad_note_is_one_line_and_exit_2(tiny, tmp_path, case):
 
 BAD_JSONL = {
     "malformed": ('{"id": "a", "text": "fever"}\n{"id": "b", "text": "x\n', r"notes\.jsonl:2: invalid JSON"),
-    "empty_text": ('{"id": "a", "text": "fever"}\n\n{"id": "b", "text": " "}\n', r"notes\.jsonl:3: note 'b' has an"),
-    "no_id": ('{"text": "fever"}\n', r"notes\.jsonl:1: 'id' must be"),
+    "empty_text": ('{"id": "a", "text": "fever"}\n\n{"id": "b", "text": " "}\n', r"notes\.jsonl:3: 'text' must be a non-empty string \(note 'b'\)"),
+    "no_id": ('{"text": "fever"}\n', r"notes\.jsonl:1: missing key 'id'"),
     "not_object": ('["a", "fever"]\n', r"notes\.jsonl:1: expected a JSON object"),
     "duplicate": ('{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n', r"notes\.jsonl:2: duplicate note id"),
     "no_notes": ("\n\n", r"notes\.jsonl: no notes"),

@@ -145,6 +145,12 @@ def test_errors_are_adapter_errors(tmp_path):
               tmp_path / "c" / "adapter_model.safetensors")
     with pytest.raises(AdapterError, match="tensors this model lacks"):
         load_adapter(ours_from_hf(hf_model("llama")), tmp_path / "c")
+    (tmp_path / "c" / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{trunc")
+    plain = ours_from_hf(hf_model("llama"))
+    with pytest.raises(AdapterError, match=r"c/adapter_model\.safetensors: unreadable safetensors file \(") as e:
+        load_adapter(plain, tmp_path / "c")
+    assert "\n" not in str(e.value)
+    assert not lora_parameters(plain)  # a failed load leaves no LoRA layers it injected
     with pytest.raises(AdapterError, match="not found"):
         load_adapter(small, tmp_path / "nope")
     conf = json.loads((tmp_path / "a" / "adapter_config.json").read_text())

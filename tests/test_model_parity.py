@@ -17,6 +17,7 @@ def test_config_flags(pair):
     family, hf, ours = pair
     cfg = ours.config
     assert cfg.norm_offset == (0.0 if family.startswith("llama") else 1.0)
+    assert cfg.llama_norm == family.startswith("llama")
     if family == "gemma3":
         assert cfg.qk_norm and cfg.rope_local_theta == 10000.0 and cfg.rope_scaling["factor"] == 8.0
         assert cfg.layer_types.count("full_attention") == 1  # 7 layers, 5:1 pattern

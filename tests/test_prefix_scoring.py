@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from cec.engine.cache import PrefixScorer, batches_by_length, common_prefix_len, head_for, score_naive
+from cec.coding.pipeline import fold_lora, share_base
+from cec.engine.lora import inject_lora, lora_layers
+from cec.engine.scorer import PrefixScorer, batches_by_length, common_prefix_len, head_for, score_naive
 from hf_tiny import FAMILIES, hf_model, ours_from_hf
 
 TOL = 1e-4
@@ -84,9 +86,6 @@ def test_prefix_cache_is_not_copied_per_question(pair):
 
 
 def test_folded_lora_scores_equal_lora_layers_and_leave_the_base_alone():
-    from cec.engine.lora import inject_lora, lora_layers
-    from cec.coding.pipeline import fold_lora, share_base
-
     hf = hf_model("gemma3", seed=7)
     base = ours_from_hf(hf)
     before = {k: v.clone() for k, v in base.state_dict().items()}

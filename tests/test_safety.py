@@ -157,7 +157,7 @@ def test_no_code_path_unpickles():
                 bad.append(f"{rel}:{node.lineno} {name}")
     assert not bad, bad
     loads = [(p.relative_to(ROOT), n.lineno) for p in SOURCES for n, name in calls_in(p) if name.endswith("torch.load")]
-    assert loads == [(Path("cec/training/trainer.py"), loads[0][1])]  # the one torch.load: our own trainer_state.pt
+    assert loads == [(Path("cec/training/checkpoint.py"), loads[0][1])]  # the one torch.load: our own trainer_state.pt
 
 
 # ---------------------------------------------------------------------------------------------------------

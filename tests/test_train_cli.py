@@ -106,6 +106,10 @@ def test_bad_input_is_one_line_and_exit_2(files, tmp_path, capsys):
     code, line = run_main([*base[:2], "--concepts", "no-such-set", *base[4:], "--data", str(files / "train.jsonl")],
                           capsys)
     assert code == 2 and "no-such-set" in line
+    code, line = run_main(base + ["--data", str(files / "train.jsonl"), "--device", "gpu7"], capsys)
+    assert code == 2 and line == "train.py: error: unknown device 'gpu7' (cpu, cuda, cuda:N, ...)"
+    code, line = run_main(base + ["--data", str(files / "train.jsonl"), "--threads", "0"], capsys)
+    assert code == 2 and line.endswith("error: argument --threads: must be at least 1, got 0")
 
 
 def test_help_documents_every_option_and_the_script_runs_as_a_program():

@@ -7,12 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cec.engine.cache import head_for
-from cec.errors import CECError
+from cec.engine.scorer import head_for
+from cec.errors import CECError, ConfigError
 from cec.training.examples import NoteExamples
 from cec.engine.lora import inject_lora, lora_parameters, lora_state_dict
-from cec.training.trainer import (TrainConfig, Trainer, TrainingError, latest_checkpoints, lr_factor, pack_loss,
-                         pack_questions)
+from cec.training.checkpoint import TrainingError, latest_checkpoints
+from cec.training.packing import pack_loss, pack_questions
+from cec.training.trainer import TrainConfig, Trainer, lr_factor
 from hf_tiny import hf_model, ours_from_hf
 from tiny_train import random_lora_, tiny_tokenizer
 
@@ -75,7 +76,7 @@ def test_long_prefix_is_cut_at_its_end():
     assert cut == 50 - (20 - 2 - 2)  # room for the shared [1, 2] and the longest rest [4, 5]
     assert all(p.tokens <= 20 for p in packs)
     assert packs[0].ids[:16].tolist() == list(range(100, 116))
-    with pytest.raises(TrainingError, match="does not fit"):
+    with pytest.raises(ConfigError, match="does not fit in --max-tokens 20"):
         pack_questions([1], [list(range(30))], [1], max_tokens=20)
 
 
@@ -189,8 +190,18 @@ def test_checkpoint_with_other_lora_tensors_is_refused_whole(tmp_path):
 
     fresh = trainer(tmp_path, dropout=0.0, steps=2, save_every=1, eval_every=0)
     before = {k: v.clone() for k, v in lora_state_dict(fresh.model).items()}
-    with pytest.raises(TrainingError, match=r"step-000001 lacks 1 LoRA tensors") as e:
+    with pytest.raises(TrainingError, match=r"step-000001: adapter lacks 1 LoRA tensors") as e:
         fresh.train(resume=True)
     assert "\n" not in str(e.value)
     for k, v in lora_state_dict(fresh.model).items():  # nothing half-restored
         assert torch.equal(v, before[k]), k
+
+
+def test_a_checkpoint_folder_a_crash_left_half_written_is_ignored_then_removed(tmp_path):
+    trainer(tmp_path, dropout=0.0, steps=2, save_every=1, eval_every=0, stop_at=1).train()
+    stale = tmp_path / "checkpoints" / ".tmp-step-000002-4242"  # a process killed while saving step 2
+    stale.mkdir()
+    (stale / "trainer_state.pt").write_bytes(b"half")
+    assert [p.name for p in latest_checkpoints(tmp_path)] == ["step-000001"]
+    trainer(tmp_path, dropout=0.0, steps=2, save_every=1, eval_every=0).train(resume=True)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001", "step-000002"]

@@ -12,6 +12,7 @@ if DEVICE == "cpu":  # before the kernel module is imported, so the kernel runs 
 from cec.errors import TokenizerError
 from cec.engine.heads import NO_SPELLINGS, YES_SPELLINGS, YesNoHead, answer_token_ids, use_kernel, yes_no_scores, \
     yes_no_scores_reference
+from cec.engine.model import rms_norm
 
 triton = pytest.importorskip("triton")
 from cec_kernels.yesno_head import yes_no_head  # noqa: E402
@@ -21,7 +22,8 @@ FAMILIES = {  # name: (llama_norm, norm_offset, softcap)
     "llama": (True, 0.0, None),
     "gemma": (False, 1.0, None),
     "gemma2": (False, 1.0, 30.0),
-    "gemma_no_offset": (False, 0.0, None),
+    "gemma_no_offset": (False, 0.0, None),  # Gemma's fp32 casts without an offset, and the converse
+    "llama_offset": (True, 1.0, None),
     "llama_capped": (True, 0.0, 5.0),
 }
 
@@ -70,8 +72,6 @@ def test_reference_matches_hf_norm_modules():
     matters, and the full bf16 path against HF-style lm_head logits."""
     llama = pytest.importorskip("transformers.models.llama.modeling_llama")
     gemma = pytest.importorskip("transformers.models.gemma.modeling_gemma")
-    from cec.engine.heads import rms_norm
-
     hidden, w, out = make(8, 64, torch.bfloat16, seed=3)
     ln = llama.LlamaRMSNorm(64, eps=1e-5).to(torch.bfloat16)
     gn = gemma.GemmaRMSNorm(64, eps=1e-6).to(torch.bfloat16)

@@ -11,7 +11,7 @@ own stage-2 question while stage 2 is the label LLM. For a linear concept bottle
 b + sum_i w_i * logit(p_i)) the concept part is exactly the code's logit drop.
 
     result = pipe.code_note(text, note_id)
-    doc = result.to_json(text, pipe.cs.code_system, pipe.config.threshold)
+    doc = note_json(result, text, pipe)      # cec.coding.output
     add_evidence(doc, pipe, text, result)    # "spans" on each predicted code, "sentence" on its Yes concepts
 """
 from __future__ import annotations
@@ -21,9 +21,9 @@ import time
 
 import torch
 
-from cec.coding import prompts
-from cec.coding.pipeline import shown_concepts
+from cec.coding.output import code_list
 from cec.coding.report import sentence_spans
+from cec.coding.stages import prefix_ids
 
 LONG_LINE = 300  # characters: a longer line is cut into sentences, a shorter one is one sentence
 TOP = 3  # spans kept per code
@@ -50,7 +50,7 @@ def token_ranges(tokenizer, prefix_text: str, note_at: int, spans: list[tuple[in
     def count(i):
         while i > 0 and prefix_text[i - 1].isspace():
             i -= 1
-        return len(tokenizer.encode(prefix_text[:i], add_bos=True))
+        return len(prefix_ids(tokenizer, prefix_text[:i]))
 
     out = []
     for span in spans:
@@ -77,10 +77,10 @@ def fitted_spans(text: str, fitted: str, spans: list[tuple[int, int]]) -> list[t
 def _prefix(pipe, stage: str, text: str, spans):
     """(prefix ids, token range per span or None) of a stage's prefix around the fitted note."""
     fitted = pipe.fit_note(text)
-    prefix_text = prompts.prefix_for(stage, fitted, pipe.layout)
-    note_at = prompts.prefix_for(stage, "\0", pipe.layout).index("\0")
+    prefix_text = pipe.stages[stage].prefix(fitted)
+    note_at = pipe.stages[stage].prefix("\0").index("\0")
     ranges = token_ranges(pipe.tokenizer, prefix_text, note_at, fitted_spans(text, fitted, spans))
-    return pipe.tokenizer.encode(prefix_text, add_bos=True), ranges
+    return prefix_ids(pipe.tokenizer, prefix_text), ranges
 
 
 def drops(scorer, prefix_ids: list[int], questions: list[list[int]], ranges) -> torch.Tensor:
@@ -104,15 +104,10 @@ def concept_drops(pipe, text: str, concept_ids: list[int], spans) -> torch.Tenso
     return drops(pipe.concept_scorer, prefix, [pipe.concept_questions[i] for i in concept_ids], ranges)
 
 
-def shown(pipe, result) -> list[list[int]]:
-    """The concepts stage 2 showed for each code of pipe.cs (deterministic, as code_note chose them)."""
-    return shown_concepts(pipe.config, pipe.cs, result.concept_probs, result.note_id)
-
-
 def code_question_drops(pipe, text: str, result, code_indices: list[int], spans) -> torch.Tensor:
     """[len(code_indices), len(spans)] drops of the codes' stage-2 questions (label prefix) per hidden sentence."""
     prefix, ranges = _prefix(pipe, "label", text, spans)
-    questions = pipe.label_question_ids(result.concept_probs, shown(pipe, result))
+    questions = pipe.label_question_ids(result.concept_probs, result.shown)
     return drops(pipe.label_scorer, prefix, [questions[j] for j in code_indices], ranges)
 
 
@@ -126,7 +121,7 @@ def evidence_weights(pipe, result, code_index: int) -> dict[int, float]:
         return pipe.bottleneck.coefficients(result.concept_probs, code_index)
     own = set(pipe.cs.concept_ids(pipe.cs.codes[code_index]))
     yes = result.concept_probs >= pipe.config.concept_threshold
-    return {i: 1.0 for i in shown(pipe, result)[code_index] if i in own and bool(yes[i])}
+    return {i: 1.0 for i in result.shown[code_index] if i in own and bool(yes[i])}
 
 
 def stage2_is_llm(pipe) -> bool:
@@ -164,7 +159,7 @@ def ranked(text: str, spans, scores: torch.Tensor, top: int | None = TOP) -> lis
 def explain(pipe, text: str, result, codes: list[str] | None = None, top: int | None = TOP) -> dict[str, list[dict]]:
     """{code: [{"start", "end", "text", "score"}, ...] best first} for `codes` (default: the predicted ones)."""
     if codes is None:
-        codes = [c["code"] for c in result.codes if c["predicted"]]
+        codes = [c["code"] for c in code_list(result, pipe) if c["predicted"]]
     index = {c: j for j, c in enumerate(pipe.cs.codes)}
     spans, _, _, scores = attribute(pipe, text, result, [index[c] for c in codes])
     return {c: ranked(text, spans, scores[k], top) for k, c in enumerate(codes)}

@@ -8,18 +8,66 @@
 it; "truncation" is there only when the note was cut to the token budget. Codes are sorted by probability.
 """
 TIMING_KEYS = ("prefix_tokens", "questions", "seconds")
+DIGITS = 6  # of probabilities
+
+
+def _evidence_entry(pipeline, concept_p, i: int, role: str) -> dict:
+    c = pipeline.cs.concepts[i]
+    return {"concept": c.text, "level": c.level, "probability": round(float(concept_p[i]), DIGITS), "role": role}
+
+
+def shown_evidence(pipeline, concept_p, shown: list[list[int]]) -> list[list[dict]]:
+    """Per code, the concepts the label LLM was shown, most probable first, each with its role."""
+    out = []
+    for code, ids in zip(pipeline.cs.codes, shown):
+        own = set(pipeline.cs.concept_ids(code))
+        entries = [_evidence_entry(pipeline, concept_p, i, "own" if i in own else "outside") for i in ids]
+        out.append(sorted(entries, key=lambda e: -e["probability"]))
+    return out
+
+
+def bottleneck_evidence(pipeline, concept_p) -> list[list[dict]]:
+    """Per code, its k own concepts with the largest terms in the code's logit (cec.coding.bottleneck), largest
+    first; "contribution" is that term (positive: pushed the code up)."""
+    out = []
+    for j in range(len(pipeline.cs.codes)):
+        terms = sorted(pipeline.bottleneck.contributions(concept_p, j).items(), key=lambda t: -t[1])
+        out.append([{**_evidence_entry(pipeline, concept_p, i, "own"), "contribution": round(w, 4)}
+                    for i, w in terms[: pipeline.config.k]])
+    return out
+
+
+def code_list(result, pipeline) -> list[dict]:
+    """The codes of a NoteResult, most probable first: {"code", "description", "probability", "predicted",
+    "evidence"}."""
+    cs, concept_p = pipeline.cs, result.concept_probs
+    evidence = (bottleneck_evidence(pipeline, concept_p) if result.shown is None
+                else shown_evidence(pipeline, concept_p, result.shown))
+    codes = [{"code": code, "description": cs.descriptions[code],
+              "probability": round(float(result.code_probs[j]), DIGITS), "predicted": result.predicted[j],
+              "evidence": evidence[j]} for j, code in enumerate(cs.codes)]
+    codes.sort(key=lambda c: -c["probability"])
+    return codes
+
+
+def timing_json(timing: dict) -> dict:
+    """A NoteResult's timing with its seconds rounded to milliseconds."""
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in timing.items()}
 
 
 def note_json(result, text: str, pipeline, *, note: bool = True, descriptions: bool = True,
               only_predicted: bool = False) -> dict:
     """The contract of one NoteResult. note=False leaves out the note text, descriptions=False each code's
     description (both are known to the caller), only_predicted=True the codes under the threshold."""
-    doc = result.to_json(text, pipeline.cs.code_system, pipeline.config.threshold)
-    doc["timing"] = {k: result.timing[k] for k in TIMING_KEYS}
+    codes = [c for c in code_list(result, pipeline) if c["predicted"] or not only_predicted]
+    if not descriptions:
+        codes = [{k: v for k, v in c.items() if k != "description"} for c in codes]
+    doc = {"note": text, "code_system": pipeline.cs.code_system, "threshold": pipeline.config.threshold,
+           "codes": codes, "timing": {k: timing_json(result.timing)[k] for k in TIMING_KEYS}}
+    if result.truncation:
+        doc["truncation"] = result.truncation
     if not note:
         del doc["note"]
-    codes = [c for c in doc["codes"] if c["predicted"] or not only_predicted]
-    doc["codes"] = codes if descriptions else [{k: v for k, v in c.items() if k != "description"} for c in codes]
     return doc
 
 

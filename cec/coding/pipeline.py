@@ -3,14 +3,21 @@
 Stage 1 asks the concept model one Fig. 3 question per concept of the set; concepts at or above the concept
 threshold are the predicted positives. Stage 2 asks the label model, for each code, the Fig. 4 question with
 k concepts of the code's own set (its highest-scoring ones, or a random sample) plus m predicted-negative
-concepts from outside it, each with its Yes/No answer. All questions of a stage share one cached note
-(cache.PrefixScorer). The two stages run two adapters over one copy of the base weights.
+concepts from outside it, each with its Yes/No answer (or a linear concept bottleneck, cec.coding.bottleneck).
+All questions of a stage share one cached note (cec.engine.scorer.PrefixScorer); what a stage asks is its
+cec.coding.stages.Stage. The stages run their adapters over one copy of the base weights.
+
+Each stage is a method that returns plain data: `concept_probs` (stage 1), `code_probs` (stage 2 for given shown
+concepts, several variants against one prefix), `direct_probs` (direct coding, the baseline of Table 2, with or
+without its adapter). `code_note` composes them into a NoteResult; cec.coding.output shapes it as JSON.
+`CECPipeline.load` is the one loading path (infer.py, the HTTP service, the evaluation); `resolve_config` the one
+place where a pipeline folder and overrides of its fields become the config it runs.
 
 A pipeline folder (what `infer.py --pipeline` takes and what training writes) holds `cec_pipeline.json`:
     {"base_model", "concept_set", "concept_adapter", "label_adapter", "direct_adapter", "concept_threshold", "threshold",
      "k", "m", "sampling", "label_layout", "max_note_tokens", "dev_metrics"}
-with the adapter paths relative to the folder. label_layout (cec.coding.prompts: "paper" or "compact") defaults to the
-layout the label adapter was trained with (its cec_adapter.json), "paper" without one.
+with the adapter paths relative to the folder. label_layout ("paper" or "compact", cec.coding.stages) defaults to
+the layout the label adapter was trained with (its cec_adapter.json), "paper" without one.
 """
 from __future__ import annotations
 
@@ -24,17 +31,25 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from cec.coding import prompts
+from cec.coding import stages
 from cec.coding.bottleneck import Bottleneck
-from cec.engine.cache import PrefixScorer, head_for
 from cec.coding.calibration import Platt
-from cec.errors import AdapterError, DataError
+from cec.coding.concepts import load_concept_set
+from cec.coding.segment import segment_note
+from cec.coding.stages import Stage, prefix_ids, question_ids
+from cec.engine.scorer import PrefixScorer, head_for
+from cec.engine.lora import load_adapter, lora_layers, read_adapter_config
 from cec.engine.model import Transformer
+from cec.engine.weights import load_model
+from cec.errors import AdapterError, ConfigError, DataError
+from cec.io import atomic_write_json
 
 PIPELINE_FILE = "cec_pipeline.json"
 LABEL_STAGES = ("llm", "linear")
+SAMPLING = ("top", "random")
 RESOURCES = Path(__file__).resolve().parents[1] / "resources"
 DEFAULT_PIPELINE = RESOURCES / "pipelines" / "gemma3-270m-codiesp-d50"
+ADAPTERS = {"concept": "concept_adapter", "label": "label_adapter", "direct": "direct_adapter"}  # stage -> field
 
 
 @dataclass
@@ -72,27 +87,80 @@ class PipelineConfig:
         if config.label_stage not in LABEL_STAGES:
             raise DataError(f"{path}: label_stage {config.label_stage!r} is not one of {', '.join(LABEL_STAGES)}")
         Platt.from_json(config.calibration)  # a malformed calibration is refused here, not mid-run
-        if config.label_layout not in (None, *prompts.LABEL_LAYOUTS):
+        if config.label_layout not in (None, *stages.LABEL_LAYOUTS):
             raise DataError(f"{path}: label_layout {config.label_layout!r} is not one of "
-                            f"{', '.join(prompts.LABEL_LAYOUTS)}")
+                            f"{', '.join(stages.LABEL_LAYOUTS)}")
         return config, folder
 
     def save(self, folder: str | Path) -> None:
-        from cec.io import atomic_write_json
-
         atomic_write_json(Path(folder) / PIPELINE_FILE, asdict(self))
+
+    def adapter(self, stage: str) -> Path | None:
+        """The adapter folder of a stage ("concept", "label", "direct") in a resolved config; None = none."""
+        path = getattr(self, ADAPTERS[stage])
+        return Path(path) if path else None
 
 
 def trained_layout(adapter: Path | None) -> str:
     """The label layout an adapter was trained with (cec_adapter.json "prompts"); "paper" when it does not say."""
     if adapter is None:
         return "paper"
-    from cec.engine.lora import read_adapter_config
-
     layout = read_adapter_config(adapter)[1].get("prompts", "paper")
-    if layout not in prompts.LABEL_LAYOUTS:
+    if layout not in stages.LABEL_LAYOUTS:
         raise AdapterError(f"{adapter}: unknown prompt layout {layout!r} in cec_adapter.json")
     return layout
+
+
+def resolve_beside(folder: Path, name: str) -> str:
+    """A relative path in cec_pipeline.json names a file beside it when one is there; otherwise it stays a name
+    (embedded model, shipped concept set, hub id) or a path from the working directory."""
+    candidate = folder / name
+    return str(candidate) if not Path(name).is_absolute() and candidate.exists() else name
+
+
+def resolve_config(folder: str | Path | None, *, quiet: bool = False, **overrides) -> PipelineConfig:
+    """The config a pipeline runs: its folder's cec_pipeline.json (folder None: PipelineConfig's defaults, no
+    adapters) with `overrides` of its fields (None = the folder's), the model and concept set resolved beside the
+    folder (resolve_beside), the adapter and bottleneck paths absolute, and label_layout known. The one place the
+    override rules live:
+    - another label adapter brings its own layout (unless label_layout is given too) and is for the label LLM;
+    - another stage 2 than the pipeline's turns its calibration off (fitted for that stage), and warns that its
+      threshold may not fit unless a threshold is given (or quiet: the caller tunes its own thresholds).
+    An adapter path of "" means the base model without that adapter."""
+    if folder is None:
+        config, folder = PipelineConfig(), None
+    else:
+        config, folder = PipelineConfig.load(folder)
+    if overrides.get("label_adapter") is not None and overrides.get("label_layout") is None:
+        config.label_layout = None  # another label adapter brings its own layout
+    if overrides.get("label_adapter") and overrides.get("label_stage") is None:
+        overrides["label_stage"] = "llm"  # a label adapter is for the label LLM
+    if overrides.get("label_stage") not in (None, config.label_stage):
+        # the calibration and threshold were fitted for the pipeline's own stage 2
+        config.calibration = None
+        if overrides.get("threshold") is None and not quiet:
+            print(f"[cec] stage 2 is {overrides['label_stage']}, not the pipeline's {config.label_stage}: its "
+                  f"calibration is off and its threshold {config.threshold} may not fit (--threshold)",
+                  file=sys.stderr)
+    for k, v in overrides.items():
+        if v is not None:
+            setattr(config, k, v)
+    if folder is not None:
+        config.base_model = resolve_beside(folder, config.base_model)
+        config.concept_set = resolve_beside(folder, config.concept_set)
+    for name in (*ADAPTERS.values(), "bottleneck"):
+        rel = getattr(config, name)
+        if rel:
+            setattr(config, name, str(((folder or Path()) / rel).resolve()))
+    if config.label_stage not in LABEL_STAGES:
+        raise DataError(f"label stage {config.label_stage!r} is not one of {', '.join(LABEL_STAGES)}")
+    if config.label_stage == "linear" and not config.bottleneck:
+        raise DataError(f"{folder}: label_stage 'linear' but no bottleneck file in {PIPELINE_FILE}")
+    if config.m < 0 or config.sampling not in SAMPLING:
+        raise ConfigError(f"pipeline config: m={config.m}, sampling={config.sampling!r} (m >= 0; top or random)")
+    if config.label_layout is None:
+        config.label_layout = trained_layout(config.adapter("label"))
+    return config
 
 
 def share_base(model: Transformer) -> Transformer:
@@ -104,19 +172,10 @@ def share_base(model: Transformer) -> Transformer:
     return twin.eval()
 
 
-def resolve_beside(folder: Path, name: str) -> str:
-    """A relative path in cec_pipeline.json names a file beside it when one is there; otherwise it stays a name
-    (embedded model, shipped concept set, hub id) or a path from the working directory."""
-    candidate = folder / name
-    return str(candidate) if not Path(name).is_absolute() and candidate.exists() else name
-
-
 @torch.no_grad()
 def fold_lora(model: Transformer) -> None:
     """Fold each LoRA layer into a weight of its own, leaving the shared base weights untouched: inference then
     runs plain linears (no LoRA matmuls), at the memory cost of one copy of the adapted layers."""
-    from cec.engine.lora import lora_layers
-
     for name, layer in lora_layers(model).items():
         lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                         device="meta", dtype=layer.weight.dtype)
@@ -129,9 +188,7 @@ def fold_lora(model: Transformer) -> None:
 
 def load_stage_adapter(model: Transformer, folder: Path, stage: str, cs, fold: bool = True) -> Transformer:
     """Load a stage's LoRA adapter into `model` (a twin sharing the base weights), refusing one trained for
-    another stage or code set, and fold it unless fold=False. The one adapter loader of pipeline and evaluation."""
-    from cec.engine.lora import load_adapter, read_adapter_config
-
+    another stage or code set, and fold it unless fold=False."""
     trained_for = read_adapter_config(folder)[1].get("stage")
     if trained_for is not None and trained_for != stage:
         raise AdapterError(f"{folder}: a {trained_for}-stage adapter, given as the {stage}-stage adapter")
@@ -172,89 +229,82 @@ def shown_concepts(config: PipelineConfig, cs, concept_p: torch.Tensor, note_id:
 
 @dataclass
 class NoteResult:
+    """One coded note, unrounded; cec.coding.output turns it into the JSON contract."""
     note_id: str | None
-    codes: list[dict]
-    concept_probs: torch.Tensor
-    timing: dict
+    code_probs: torch.Tensor  # P(code) in cs.codes order (calibrated when the pipeline has a calibration)
+    predicted: list[bool]  # per code: code_probs >= the pipeline's threshold
+    concept_probs: torch.Tensor  # stage 1: P(yes) per concept of the set
+    shown: list[list[int]] | None  # per code, the concepts the label LLM was shown; None for a linear stage 2
+    timing: dict  # prefix_tokens, questions, seconds, concept_seconds, label_seconds
     truncation: dict | None = None  # {"note_tokens", "kept_tokens", "kept_percent"} when the note was cut to fit
-
-    def to_json(self, note_text: str, code_system: str, threshold: float) -> dict:
-        doc = {"note": note_text, "code_system": code_system, "threshold": threshold, "codes": self.codes,
-               "timing": self.timing}
-        if self.truncation:
-            doc["truncation"] = self.truncation
-        return doc
 
 
 class CECPipeline:
-    def __init__(self, model: Transformer, tokenizer, concept_set, config: PipelineConfig,
-                 concept_model: Transformer | None = None, label_model: Transformer | None = None,
-                 batch_tokens: int = 4096, bottleneck: Bottleneck | None = None):
+    def __init__(self, tokenizer, concept_set, config: PipelineConfig, concept_model: Transformer,
+                 label_model: Transformer | None = None, *, bottleneck: Bottleneck | None = None,
+                 direct_models: dict[bool, Transformer] | None = None, batch_tokens: int = 4096):
+        """label_model: the label LLM (None for a linear stage 2); direct_models: {fine_tuned: model} of
+        direct coding ({} unless loaded with direct=True)."""
         self.tokenizer, self.cs, self.config = tokenizer, concept_set, config
         if config.label_stage == "linear" and bottleneck is None:
             raise DataError("label_stage 'linear' needs a concept bottleneck (bottleneck in cec_pipeline.json)")
         self.bottleneck = bottleneck
         self.calibration = Platt.from_json(config.calibration)
         self.concept_prefix_tokens = 0  # of the last note stage 1 scored
-        self.concept_model = concept_model or model
-        self.label_model = label_model or model
-        yes, no = prompts.answer_ids(tokenizer, "concept")
-        self.concept_scorer = PrefixScorer(self.concept_model, head_for(self.concept_model, yes, no),
-                                           batch_tokens=batch_tokens, pad_id=tokenizer.pad_id or 0)
-        self.layout = prompts.check_layout(config.label_layout or "paper")
-        yes, no = prompts.answer_ids(tokenizer, "label", self.layout)
-        self.label_scorer = PrefixScorer(self.label_model, head_for(self.label_model, yes, no),
-                                         batch_tokens=batch_tokens, pad_id=tokenizer.pad_id or 0)
-        # concept questions do not depend on the note: tokenize them once
-        self.concept_questions = [tokenizer.encode(prompts.concept_question(c.text), add_bos=False)
+        self.stages = {"concept": stages.CONCEPT, "label": stages.get("label", config.label_layout or "paper"),
+                       "direct": stages.DIRECT}
+        self.concept_model = concept_model
+        self.label_model = concept_model if label_model is None else label_model  # linear: its scorer asks nothing
+
+        def scorer(model, stage: Stage) -> PrefixScorer:
+            return PrefixScorer(model, head_for(model, *stage.answer_ids(tokenizer)), batch_tokens=batch_tokens,
+                                pad_id=tokenizer.pad_id or 0)
+
+        self.concept_scorer = scorer(self.concept_model, self.stages["concept"])
+        self.label_scorer = scorer(self.label_model, self.stages["label"])
+        self.direct_scorers = {ft: scorer(m, stages.DIRECT) for ft, m in (direct_models or {}).items()}
+        # the questions of stages 1 and direct do not depend on the note: tokenized once
+        self.concept_questions = [question_ids(tokenizer, stages.CONCEPT.question(c.text))
                                   for c in concept_set.concepts]
+        self.direct_questions = [question_ids(tokenizer, stages.DIRECT.question(concept_set.descriptions[c]))
+                                 for c in concept_set.codes] if direct_models else []
+
+    @property
+    def layout(self) -> str:
+        """The label stage's prompt layout."""
+        return self.stages["label"].layout
 
     @classmethod
-    def load(cls, folder: str | Path | None = None, *, model=None, tokenizer=None, concept_set=None,
-             device="cpu", dtype=None, fold: bool = True, **overrides) -> "CECPipeline":
+    def load(cls, folder: str | Path | None = None, *, config: PipelineConfig | None = None, model=None,
+             tokenizer=None, concept_set=None, device="cpu", dtype=None, fold: bool = True, direct: bool = False,
+             batch_tokens: int = 4096, **overrides) -> "CECPipeline":
         """A pipeline folder (default: the shipped Gemma 3 270M / CodiEsp-D50 one), with optional overrides of
-        its config fields (threshold, k, ...) and of its concept set. fold: fold the adapters into private
-        copies of the layers they adapt (faster; fold=False keeps LoRA layers, e.g. to inspect them)."""
-        from cec.coding.concepts import load_concept_set
-        from cec.engine.weights import load_model
-
-        folder = Path(folder) if folder else DEFAULT_PIPELINE
-        config, folder = PipelineConfig.load(folder)
-        if overrides.get("label_adapter") is not None and overrides.get("label_layout") is None:
-            config.label_layout = None  # another label adapter brings its own layout
-        if overrides.get("label_adapter") and overrides.get("label_stage") is None:
-            overrides["label_stage"] = "llm"  # a label adapter is for the label LLM
-        if overrides.get("label_stage") not in (None, config.label_stage):
-            # the calibration and threshold were fitted for the pipeline's own stage 2
-            config.calibration = None
-            if overrides.get("threshold") is None:
-                print(f"[cec] stage 2 is {overrides['label_stage']}, not the pipeline's {config.label_stage}: its "
-                      f"calibration is off and its threshold {config.threshold} may not fit (--threshold)",
-                      file=sys.stderr)
-        for k, v in overrides.items():
-            if v is not None:
-                setattr(config, k, v)
+        its config fields (threshold, k, ...; resolve_config) and of its concept set; or a config resolve_config
+        made. fold: fold the adapters into private copies of the layers they adapt (faster; fold=False keeps
+        LoRA layers, e.g. to inspect them). direct: also direct coding, on the bare base weights and (with a
+        direct_adapter) with the direct adapter, each a twin; the concept adapter then goes on a twin as well."""
         if isinstance(concept_set, (str, Path)):
-            config.concept_set, concept_set = str(concept_set), None
+            overrides["concept_set"], concept_set = str(concept_set), None
+        if config is None:
+            config = resolve_config(folder or DEFAULT_PIPELINE, **overrides)
+        elif folder is not None or any(v is not None for v in overrides.values()):
+            raise TypeError("CECPipeline.load takes a folder and overrides, or a resolved config, not both")
         if model is None:
-            model, tokenizer = load_model(resolve_beside(folder, config.base_model), device=device, dtype=dtype)
-        cs = concept_set or load_concept_set(resolve_beside(folder, config.concept_set))
-        if config.label_layout is None:
-            config.label_layout = trained_layout(folder / config.label_adapter if config.label_adapter else None)
-        if config.label_stage not in LABEL_STAGES:
-            raise DataError(f"label stage {config.label_stage!r} is not one of {', '.join(LABEL_STAGES)}")
+            model, tokenizer = load_model(config.base_model, device=device, dtype=dtype)
+        cs = concept_set or load_concept_set(config.concept_set)
         linear = config.label_stage == "linear"
-        bottleneck = None
-        if linear:
-            if not config.bottleneck:
-                raise DataError(f"{folder}: label_stage 'linear' but no bottleneck file in {PIPELINE_FILE}")
-            bottleneck = Bottleneck.load(folder / config.bottleneck, cs)
-        concept_model, label_model = model, (model if linear else share_base(model))
-        for m, stage, rel in ((concept_model, "concept", config.concept_adapter),
-                              (label_model, "label", None if linear else config.label_adapter)):
-            if rel:
-                load_stage_adapter(m, folder / rel, stage, cs, fold)
-        return cls(model, tokenizer, cs, config, concept_model, label_model, bottleneck=bottleneck)
+        bottleneck = Bottleneck.load(config.bottleneck, cs) if linear else None
+        # twins first: each is the base model until its own adapter goes in
+        label_model = None if linear else share_base(model)
+        direct_models = {False: share_base(model)} if direct else {}
+        if direct and config.direct_adapter:
+            direct_models[True] = share_base(model)
+        concept_model = share_base(model) if direct else model
+        for m, stage in ((concept_model, "concept"), (label_model, "label"), (direct_models.get(True), "direct")):
+            if m is not None and config.adapter(stage):
+                load_stage_adapter(m, config.adapter(stage), stage, cs, fold)
+        return cls(tokenizer, cs, config, concept_model, label_model, bottleneck=bottleneck,
+                   direct_models=direct_models, batch_tokens=batch_tokens)
 
     def fit_note(self, text: str) -> str:
         return self.fit_note_info(text)[0]
@@ -262,8 +312,6 @@ class CECPipeline:
     def fit_note_info(self, text: str) -> tuple[str, dict | None]:
         """(the note fitted to max_note_tokens, None when it fits whole, else {"note_tokens", "kept_tokens",
         "kept_percent"}). Longer notes keep their most relevant sections (cec.coding.segment), with a warning."""
-        from cec.coding.segment import segment_note
-
         budget = self.config.max_note_tokens
         count = lambda s: len(self.tokenizer.encode(s, add_bos=False))  # noqa: E731
         if len(text) < budget:  # a token is at least one character: short notes fit
@@ -277,85 +325,72 @@ class CECPipeline:
               "its most relevant sections (its beginning when it has none)", file=sys.stderr)
         return fitted, info
 
+    # -- the stages: each returns plain data ------------------------------------------------------------------
     @torch.no_grad()
-    def code_note(self, text: str, note_id: str | None = None) -> NoteResult:
-        if not text.strip():
-            raise DataError("the note is empty")
-        cfg, cs = self.config, self.cs
-        t0 = time.perf_counter()
-        text, truncation = self.fit_note_info(text)
-        # stage 1: every concept against the cached note
-        concept_p = self.concept_probs(text)
-        t1 = time.perf_counter()
-        # stage 2: the linear concept bottleneck, or one label-LLM question per code with the answers of k own
-        # concepts and m outside negatives
-        if self.bottleneck is not None:
-            code_p, evidence = self.bottleneck.probs(concept_p), self.bottleneck_evidence(concept_p)
-            questions = len(self.concept_questions)
-        else:
-            shown = shown_concepts(cfg, cs, concept_p, note_id)
-            code_p, evidence = self.code_probs(text, concept_p, [(shown, cs)])[0], self.shown_evidence(concept_p, shown)
-            questions = len(self.concept_questions) + len(shown)
-        if self.calibration is not None:
-            code_p = self.calibration(code_p)
-        t2 = time.perf_counter()
-        codes = [{"code": code, "description": cs.descriptions[code], "probability": round(float(code_p[j]), 6),
-                  "predicted": float(code_p[j]) >= cfg.threshold, "evidence": evidence[j]}
-                 for j, code in enumerate(cs.codes)]
-        codes.sort(key=lambda c: -c["probability"])
-        timing = {"prefix_tokens": self.concept_prefix_tokens, "questions": questions,
-                  "seconds": round(t2 - t0, 3), "concept_seconds": round(t1 - t0, 3),
-                  "label_seconds": round(t2 - t1, 3)}
-        return NoteResult(note_id, codes, concept_p, timing, truncation)
-
     def concept_probs(self, text: str, concept_ids: list[int] | None = None) -> torch.Tensor:
         """Stage 1: P(yes) of every concept of the set (or of concept_ids only) against the fitted note."""
-        prefix = self.tokenizer.encode(prompts.concept_prefix(text), add_bos=True)
+        prefix = prefix_ids(self.tokenizer, self.stages["concept"].prefix(text))
         self.concept_prefix_tokens = len(prefix)
         questions = self.concept_questions if concept_ids is None else [self.concept_questions[i] for i in concept_ids]
         return torch.sigmoid(self.concept_scorer.score(prefix, questions))
-
-    def _evidence_entry(self, concept_p, i: int, role: str) -> dict:
-        c = self.cs.concepts[i]
-        return {"concept": c.text, "level": c.level, "probability": round(float(concept_p[i]), 6), "role": role}
-
-    def shown_evidence(self, concept_p: torch.Tensor, shown: list[list[int]]) -> list[list[dict]]:
-        """Per code, the concepts the label LLM was shown, most probable first, each with its role."""
-        out = []
-        for code, ids in zip(self.cs.codes, shown):
-            own = set(self.cs.concept_ids(code))
-            entries = [self._evidence_entry(concept_p, i, "own" if i in own else "outside") for i in ids]
-            out.append(sorted(entries, key=lambda e: -e["probability"]))
-        return out
-
-    def bottleneck_evidence(self, concept_p: torch.Tensor) -> list[list[dict]]:
-        """Per code, its k own concepts with the largest terms in the code's logit (cec.coding.bottleneck), largest first;
-        "contribution" is that term (positive: pushed the code up)."""
-        out = []
-        for j in range(len(self.cs.codes)):
-            terms = sorted(self.bottleneck.contributions(concept_p, j).items(), key=lambda t: -t[1])
-            out.append([{**self._evidence_entry(concept_p, i, "own"), "contribution": round(w, 4)}
-                        for i, w in terms[: self.config.k]])
-        return out
 
     def label_question_ids(self, concept_p: torch.Tensor, shown: list[list[int]], cs=None) -> list[list[int]]:
         """Token ids of the code questions (cs.codes order) showing these concepts with their predicted answers."""
         cs = cs or self.cs
         positive = (concept_p >= self.config.concept_threshold).tolist()
-        return [self.tokenizer.encode(prompts.label_question(
-                    cs.descriptions[code], [(cs.concepts[i].text, positive[i]) for i in ids], self.layout),
-                    add_bos=False) for code, ids in zip(cs.codes, shown)]
+        stage = self.stages["label"]
+        return [question_ids(self.tokenizer, stage.question(
+                    cs.descriptions[code], [(cs.concepts[i].text, positive[i]) for i in ids]))
+                for code, ids in zip(cs.codes, shown)]
 
     @torch.no_grad()
     def code_probs(self, text: str, concept_p: torch.Tensor, variants: list[tuple[list[list[int]], object]]
                    ) -> list[torch.Tensor]:
-        """Stage 2 for one or more variants, each (concepts shown per code, concept set or view): one label prefix
-        prefilled, each distinct question scored once. Returns P(code) in code order per variant."""
+        """Stage 2 (the label LLM) for one or more variants, each (concepts shown per code, concept set or view):
+        one label prefix prefilled, each distinct question scored once. Returns P(code) in code order per
+        variant."""
         per_variant = [self.label_question_ids(concept_p, shown, cs) for shown, cs in variants]
         unique: dict[tuple, int] = {}
         for questions in per_variant:
             for q in questions:
                 unique.setdefault(tuple(q), len(unique))
-        prefix = self.tokenizer.encode(prompts.label_prefix(text, self.layout), add_bos=True)
+        prefix = prefix_ids(self.tokenizer, self.stages["label"].prefix(text))
         p = torch.sigmoid(self.label_scorer.score(prefix, [list(q) for q in unique]))
         return [p[[unique[tuple(q)] for q in questions]] for questions in per_variant]
+
+    @torch.no_grad()
+    def direct_probs(self, text: str, fine_tuned: bool = False) -> torch.Tensor:
+        """Direct coding: P(yes) of one direct question per code description against the fitted note, asked the
+        base model itself (fine_tuned=False) or the direct adapter. Needs CECPipeline.load(..., direct=True)."""
+        if fine_tuned not in self.direct_scorers:
+            what = "direct coding with the direct adapter" if fine_tuned else "direct coding"
+            raise ValueError(f"{what} is not loaded (CECPipeline.load(..., direct=True), a direct_adapter for FT)")
+        prefix = prefix_ids(self.tokenizer, self.stages["direct"].prefix(text))
+        return torch.sigmoid(self.direct_scorers[fine_tuned].score(prefix, self.direct_questions))
+
+    # -- the whole note -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def code_note(self, text: str, note_id: str | None = None) -> NoteResult:
+        """Stage 1, then stage 2 (the label LLM on the concepts shown_concepts picks, or the linear bottleneck),
+        then the calibration and the threshold."""
+        if not text.strip():
+            raise DataError("the note is empty")
+        cfg, cs = self.config, self.cs
+        t0 = time.perf_counter()
+        text, truncation = self.fit_note_info(text)
+        concept_p = self.concept_probs(text)
+        t1 = time.perf_counter()
+        if self.bottleneck is not None:
+            shown, code_p = None, self.bottleneck.probs(concept_p)
+            questions = len(self.concept_questions)
+        else:
+            shown = shown_concepts(cfg, cs, concept_p, note_id)
+            code_p = self.code_probs(text, concept_p, [(shown, cs)])[0]
+            questions = len(self.concept_questions) + len(shown)
+        if self.calibration is not None:
+            code_p = self.calibration(code_p)
+        t2 = time.perf_counter()
+        timing = {"prefix_tokens": self.concept_prefix_tokens, "questions": questions, "seconds": t2 - t0,
+                  "concept_seconds": t1 - t0, "label_seconds": t2 - t1}
+        predicted = [p >= cfg.threshold for p in code_p.tolist()]
+        return NoteResult(note_id, code_p, predicted, concept_p, shown, timing, truncation)

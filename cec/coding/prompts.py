@@ -12,15 +12,11 @@ Label-stage layouts (DESIGN.md, item 5):
   prefix and each concept answer on one short line, so a code question is about 80 tokens instead of 230. For
   adapters trained with it (train.py --label-layout compact); an adapter records its layout in cec_adapter.json.
 
-For "paper", prefix + question is exactly the paper's prompt text. Token ids (`encode`): the prefix with BOS, each question
-without BOS, concatenated; training (cec.training.trainer) and inference (cec.engine.cache) both build ids this way, so they
-agree token for token. The model's answer is read at the last question token by the yes/no head (cec.engine.heads).
+Which stage asks which of these texts, in which layout, and how token ids are built: cec.coding.stages.
 """
 from __future__ import annotations
 
 from typing import Sequence
-
-STAGES = ("concept", "label", "direct")
 
 CONCEPT_INSTRUCTION = (
     "Below is a clinical note. Write a response that appropriately completes the request.\n"
@@ -69,7 +65,6 @@ LABEL_COMPACT_GUIDE = (
 )
 LABEL_COMPACT_CONCEPT_LINE = "- {concept}: {answer}\n"
 LABEL_COMPACT_QUESTION = "---\n### Concepts:\n{lines}### Question: Does the patient contain the disease '{description}'?\n### Response:"
-LABEL_LAYOUTS = ("paper", "compact")
 
 DIRECT_INSTRUCTION = (
     "Below is a clinical note. Write a response that appropriately completes the request.\n"
@@ -95,30 +90,24 @@ def concept_question(concept: str) -> str:
     return CONCEPT_QUESTION.format(concept=concept)
 
 
-def check_layout(layout: str) -> str:
-    if layout not in LABEL_LAYOUTS:
-        raise ValueError(f"unknown label layout {layout!r}; expected one of {', '.join(LABEL_LAYOUTS)}")
-    return layout
+def label_prefix(note: str) -> str:
+    return LABEL_INSTRUCTION + note
 
 
-def label_prefix(note: str, layout: str = "paper") -> str:
-    return LABEL_INSTRUCTION + note + (LABEL_COMPACT_GUIDE if check_layout(layout) == "compact" else "")
-
-
-def label_question(description: str, concept_answers: Sequence[tuple[str, bool]], layout: str = "paper") -> str:
+def label_question(description: str, concept_answers: Sequence[tuple[str, bool]]) -> str:
     """The text after the label prefix: the concept predictions ("Yes"/"No" each), then the code question."""
-    line = LABEL_COMPACT_CONCEPT_LINE if check_layout(layout) == "compact" else LABEL_CONCEPT_LINE
-    lines = "".join(line.format(concept=c, answer="Yes" if yes else "No") for c, yes in concept_answers)
-    if layout == "compact":
-        return LABEL_COMPACT_QUESTION.format(lines=lines, description=description)
+    lines = "".join(LABEL_CONCEPT_LINE.format(concept=c, answer="Yes" if yes else "No") for c, yes in concept_answers)
     return LABEL_CONCEPTS_INTRO + lines + LABEL_QUESTION.format(description=description)
 
 
-def label_prompt_text(layout: str) -> tuple[str, ...]:
-    """Every fixed string of a label layout (what a score cache's fingerprint depends on)."""
-    if check_layout(layout) == "compact":
-        return (LABEL_INSTRUCTION, LABEL_COMPACT_GUIDE, LABEL_COMPACT_CONCEPT_LINE, LABEL_COMPACT_QUESTION)
-    return (LABEL_INSTRUCTION, LABEL_CONCEPTS_INTRO, LABEL_CONCEPT_LINE, LABEL_QUESTION)
+def compact_label_prefix(note: str) -> str:
+    return LABEL_INSTRUCTION + note + LABEL_COMPACT_GUIDE
+
+
+def compact_label_question(description: str, concept_answers: Sequence[tuple[str, bool]]) -> str:
+    lines = "".join(LABEL_COMPACT_CONCEPT_LINE.format(concept=c, answer="Yes" if yes else "No")
+                    for c, yes in concept_answers)
+    return LABEL_COMPACT_QUESTION.format(lines=lines, description=description)
 
 
 def direct_prefix(note: str) -> str:
@@ -127,30 +116,3 @@ def direct_prefix(note: str) -> str:
 
 def direct_question(description: str) -> str:
     return DIRECT_QUESTION.format(description=description)
-
-
-def prefix_for(stage: str, note: str, layout: str = "paper") -> str:
-    if stage == "label":
-        return label_prefix(note, layout)
-    return {"concept": concept_prefix, "direct": direct_prefix}[stage](note)
-
-
-def encode(tokenizer, prefix: str, questions: Sequence[str]) -> tuple[list[int], list[list[int]]]:
-    """(prefix ids with BOS, [question ids without BOS]); the model sees prefix_ids + question_ids[i]."""
-    return tokenizer.encode(prefix, add_bos=True), [tokenizer.encode(q, add_bos=False) for q in questions]
-
-
-def answer_ids(tokenizer, stage: str = "concept", layout: str = "paper") -> tuple[list[int], list[int]]:
-    """(yes ids, no ids) of the answer spellings, read after a sample prompt of the stage the way the model
-    sees it (cec.engine.heads.answer_token_ids)."""
-    from cec.engine.heads import answer_token_ids
-
-    if stage == "label":
-        prompt = label_prefix("note", layout) + label_question("disease", [("concept", True)], layout)
-    elif stage == "direct":
-        prompt = direct_prefix("note") + direct_question("disease")
-    else:
-        prompt = concept_prefix("note") + concept_question("concept")
-    yes = answer_token_ids(tokenizer.encode, prompt, YES_ANSWERS)
-    no = answer_token_ids(tokenizer.encode, prompt, NO_ANSWERS)
-    return yes, no

@@ -12,7 +12,7 @@ and the evidence concepts with theirs.
 The page is one self-contained file: inline CSS, no script, no external URL, and a Content-Security-Policy that
 forbids both. Everything that comes from the note, the concept set or the model is HTML-escaped.
 
-    doc = result.to_json(note_text, code_system, threshold)    # the infer.py JSON object
+    doc = note_json(result, note_text, pipeline)               # the infer.py JSON object (cec.coding.output)
     add_evidence(doc, pipeline, note_text, result)             # optional: model spans (cec.coding.attribution)
     write_report("report.html", doc, concept_threshold=0.5)
 """

@@ -18,16 +18,13 @@ import json
 import sys
 from pathlib import Path
 
-from cec.cli import user_errors
+from cec.cli import add_runtime_args, runtime, user_errors
 from cec.data import read_notes
 from cec.errors import ConfigError
 from cec.evaluation.score_cache import default_cache_path
 from cec.evaluation.systems import parse_systems, resolve_setup, run_evaluation
 from cec.evaluation.tables import render_markdown
 from cec.io import atomic_write_json, atomic_write_text, prepare_output
-
-DTYPES = ("float32", "bfloat16", "float16")
-
 
 def parse_args(argv=None, prog: str | None = None):
     ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,15 +45,12 @@ def parse_args(argv=None, prog: str | None = None):
     ap.add_argument("--cache", help="per-note score cache JSONL (default: beside --json, JSON_STEM.scores.jsonl)")
     ap.add_argument("--title", help="heading of the Markdown file")
     ap.add_argument("--max-notes", type=int, help="only the first N notes of test and of dev")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", choices=DTYPES, help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    add_runtime_args(ap)
     ap.add_argument("--batch-tokens", type=int, default=4096, help="question tokens per forward batch")
     return ap.parse_args(argv)
 
 
 def main(argv=None, prog: str | None = None) -> dict:
-    import torch
-
     args = parse_args(argv, prog)
     if args.max_notes is not None and args.max_notes < 1:
         raise ConfigError("--max-notes must be at least 1")
@@ -64,6 +58,7 @@ def main(argv=None, prog: str | None = None) -> dict:
         raise ConfigError("--k must be at least 1")
     if args.batch_tokens < 1:
         raise ConfigError("--batch-tokens must be at least 1")
+    device, dtype = runtime(args)
     json_path = Path(args.json) if args.json else Path(args.out).with_suffix(".json")
     for output in (args.out, json_path):
         prepare_output(output)
@@ -81,10 +76,9 @@ def main(argv=None, prog: str | None = None) -> dict:
     for line in left_out:
         print(f"[cec] {line}", file=sys.stderr)
     cache = Path(args.cache) if args.cache else default_cache_path(json_path)
-    dtype = getattr(torch, args.dtype) if args.dtype else None
     sources = {"test": args.test, "dev": args.dev, "train": args.train, "pipeline": args.pipeline,
                "max_notes": args.max_notes}
-    payload = run_evaluation(setup, systems, test, dev, train, cache, device=args.device, dtype=dtype,
+    payload = run_evaluation(setup, systems, test, dev, train, cache, device=device, dtype=dtype,
                              batch_tokens=args.batch_tokens, sources=sources)
     table = render_markdown(payload, args.title)
     atomic_write_text(args.out, table)

@@ -44,11 +44,16 @@ import sys
 import time
 from pathlib import Path
 
-from cec.cli import user_errors
-from cec.data import decode_text, parse_json_line, read_text_file
-from cec.errors import ConfigError, DataError
-from cec.io import atomic_write_bytes, atomic_write_json, prepare_output, same_file
-from cec.coding.output import format_table, note_json
+from cec.cli import add_runtime_args, positive_int, runtime, user_errors
+from cec.data import decode_text, read_notes, read_text_file
+from cec.errors import DataError
+from cec.io import AppendJsonl, atomic_write_bytes, atomic_write_json, prepare_output, same_file
+from cec.coding import stages
+from cec.coding.attribution import add_evidence
+from cec.coding.concepts import load_concept_set
+from cec.coding.output import code_set_doc, format_table, note_json, timing_json
+from cec.coding.pipeline import DEFAULT_PIPELINE, PIPELINE_FILE, CECPipeline, PipelineConfig, resolve_beside
+from cec.coding.report import write_report
 
 PROG = "infer.py"
 RESOURCES = Path(__file__).resolve().parents[1] / "resources"
@@ -57,27 +62,14 @@ log = logging.getLogger(PROG)
 
 
 # -- reading notes --------------------------------------------------------------------------------------
-def decode(data: bytes, name: str, encoding: str | None, what: str = "data") -> str:
-    """UTF-8 with U+FFFD for bad bytes and a warning (cec.data.decode_text), or strictly `encoding`."""
-    if encoding is None:
-        return decode_text(data, name, what)
-    try:
-        text = data.decode(encoding)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{name}: not valid {encoding} (byte {e.start}); check --encoding") from None
-    if "\x00" in text:
-        raise DataError(f"{name}: binary {what} (contains NUL characters), expected text")
-    return text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
-
-
 def read_note(arg: str, encoding: str | None = None) -> str:
     if arg == "-":
-        name, text = "<stdin>", decode(sys.stdin.buffer.read(), "<stdin>", encoding)
+        name, text = "<stdin>", decode_text(sys.stdin.buffer.read(), "<stdin>", encoding=encoding)
     elif encoding is None:
         name, text = arg, read_text_file(arg)
     else:
         try:
-            name, text = arg, decode(Path(arg).read_bytes(), arg, encoding, "file")
+            name, text = arg, decode_text(Path(arg).read_bytes(), arg, "file", encoding=encoding)
         except FileNotFoundError:
             raise DataError(f"{arg}: no such file") from None
         except IsADirectoryError:
@@ -87,51 +79,11 @@ def read_note(arg: str, encoding: str | None = None) -> str:
     return text
 
 
-def batch_lines(path: Path, encoding: str | None):
-    """(line number, text) of a notes file: UTF-8 line by line, or the whole file in `encoding` (UTF-16 and
-    the like cannot be split on newline bytes)."""
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such notes file") from None
-    with f:
-        if encoding is None:
-            for lineno, raw in enumerate(f, start=1):
-                yield lineno, decode_text(raw, f"{path}:{lineno}")
-        else:
-            yield from enumerate(decode(f.read(), str(path), encoding).split("\n"), start=1)
-
-
-def read_batch(path: Path, encoding: str | None = None) -> list[dict]:
-    """Notes of a JSONL file: {"id": non-empty str, "text": non-empty str, "labels": optional list}."""
-    if path.is_dir():
-        raise DataError(f"{path}: is a directory, expected a notes JSONL file")
-    notes, seen = [], {}
-    for lineno, line in batch_lines(path, encoding):
-        where = f"{path}:{lineno}"
-        if not line.strip():
-            continue
-        obj = parse_json_line(line, where)
-        if not isinstance(obj, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-        if not isinstance(obj.get("id"), str) or not obj["id"]:
-            raise DataError(f"{where}: 'id' must be a non-empty string")
-        if not isinstance(obj.get("text"), str) or not obj["text"].strip():
-            raise DataError(f"{where}: note {obj['id']!r} has an empty or missing 'text'")
-        if obj["id"] in seen:
-            raise DataError(f"{where}: duplicate note id {obj['id']!r} (first on line {seen[obj['id']]})")
-        seen[obj["id"]] = lineno
-        notes.append(obj)
-    if not notes:
-        raise DataError(f"{path}: no notes")
-    return notes
-
-
 # -- output -----------------------------------------------------------------------------------------------
 def note_doc(pipeline, text: str, note_id: str | None = None, **shape) -> tuple[dict, dict]:
     """(the JSON contract of cec.coding.output, the pipeline's full timing); shape: note_json's options."""
     result = pipeline.code_note(text, note_id)
-    return note_json(result, text, pipeline, **shape), result.timing
+    return note_json(result, text, pipeline, **shape), timing_json(result.timing)
 
 
 # -- batch: resumable JSONL --------------------------------------------------------------------------------
@@ -145,7 +97,7 @@ TORN_HEAD = re.compile(rb'\{"id": ("(?:[^"\\]|\\.)*")')
 
 
 def torn_id(raw: bytes) -> str | None:
-    """The note id of a line infer.py started and a crash cut short (LineWriter writes "id" first), else None."""
+    """The note id of a line infer.py started and a crash cut short (run_batch writes "id" first), else None."""
     m = TORN_HEAD.match(raw)
     try:
         return json.loads(m[1].decode("utf-8")) if m else None
@@ -192,24 +144,6 @@ def completed_ids(path: Path, known: set[str]) -> set[str]:
             f.truncate(keep)
             os.fsync(f.fileno())
     return ids
-
-
-class LineWriter:
-    """Appends one JSON line per call with a single write and an fsync, so a crash leaves whole lines only
-    (or a partial last one, which completed_ids cuts off)."""
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-
-    def write(self, obj: dict) -> None:
-        data = memoryview((json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8"))
-        while data:
-            data = data[os.write(self.fd, data):]
-        os.fsync(self.fd)
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 def shard_token(ids: list[str]) -> str:
@@ -260,7 +194,9 @@ def run_batch(args, rank: int, world: int) -> None:
 
     if same_file(args.out, args.notes):
         raise DataError(f"--out {args.out} is the notes file itself; choose another file")
-    notes = read_batch(Path(args.notes), args.encoding)
+    notes = read_notes(args.notes, dataset=False, encoding=args.encoding)
+    if not notes:
+        raise DataError(f"{args.notes}: no notes")
     out = prepare_output(args.out)
     known = {n["id"] for n in notes}
     shard = notes[rank::world]
@@ -271,15 +207,15 @@ def run_batch(args, rank: int, world: int) -> None:
     done = completed_ids(part, known) | (completed_ids(out, known) if part != out else set())
     todo = [n for n in shard if n["id"] not in done]
     if todo:
-        pipeline = load_pipeline(args, rank)
-        writer = LineWriter(part)
+        pipeline = load_pipeline(args)
+        writer = AppendJsonl(part, fsync=True)  # a crash leaves whole lines, or a torn last one
         try:
             bar = tqdm(total=len(shard), initial=len(shard) - len(todo), unit="note", file=sys.stderr,
                        desc=f"rank {rank}" if world > 1 else "coding", position=rank if world > 1 else None)
             for n in todo:
                 doc, _ = note_doc(pipeline, n["text"], n["id"], **(output_shape(args) | {"note": False}))
                 head = {"id": n["id"]} | ({"labels": n["labels"]} if "labels" in n else {})
-                writer.write(head | doc)
+                writer.append(head | doc)
                 bar.update(1)
             bar.close()
         finally:
@@ -295,22 +231,8 @@ def run_batch(args, rank: int, world: int) -> None:
 
 
 # -- the pipeline ------------------------------------------------------------------------------------------
-def load_pipeline(args, rank: int = 0):
-    import torch
-
-    from cec.coding.concepts import load_concept_set
-    from cec.coding.pipeline import CECPipeline
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda":  # under torchrun, one GPU per local rank
-        device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise ConfigError(f"unknown device {device!r} (cpu, cuda, cuda:N, ...)") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r}: no CUDA device is available")
-    dtype = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+def load_pipeline(args):
+    device, dtype = runtime(args)
 
     def adapter(value):  # "none": the base model without that adapter; a path is taken from the working dir
         if value is None:
@@ -332,16 +254,6 @@ def probability(s: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
     if not 0.0 <= v <= 1.0:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {v}")
-    return v
-
-
-def positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
     return v
 
 
@@ -367,12 +279,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concept-threshold", type=probability, metavar="P", help="concept threshold (default: the pipeline's)")
     p.add_argument("--k", type=positive_int, metavar="N", help="concepts of a code's own set shown to the code stage")
     p.add_argument("--sampling", choices=("top", "random"), help="which k concepts: highest-scoring or random")
-    p.add_argument("--label-layout", choices=("paper", "compact"),
+    p.add_argument("--label-layout", choices=stages.LABEL_LAYOUTS,
                    help="code-stage prompt: Fig. 4 verbatim or compact (default: the one the label adapter was "
                         "trained with)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                   help="default: float32 on CPU, bfloat16 on GPU")
+    add_runtime_args(p)
 
 
 def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
@@ -435,8 +345,6 @@ def check_html(path: str, note_arg: str) -> None:
 
 def note_language(args) -> str:
     """The language of the notes the pipeline was trained on ("note_language" in cec_pipeline.json)."""
-    from cec.coding.pipeline import DEFAULT_PIPELINE, PIPELINE_FILE
-
     folder = Path(args.pipeline) if args.pipeline else DEFAULT_PIPELINE
     try:
         return json.loads((folder / PIPELINE_FILE).read_text()).get("note_language") or "not recorded"
@@ -446,16 +354,11 @@ def note_language(args) -> str:
 
 def code_set(args):
     """The concept set of the pipeline (or --concepts), without loading the model."""
-    from cec.coding.concepts import load_concept_set
-    from cec.coding.pipeline import DEFAULT_PIPELINE, PipelineConfig, resolve_beside
-
     config, folder = PipelineConfig.load(Path(args.pipeline) if args.pipeline else DEFAULT_PIPELINE)
     return load_concept_set(args.concepts or resolve_beside(folder, config.concept_set))
 
 
 def list_codes(args) -> None:
-    from cec.coding.output import code_set_doc
-
     doc = code_set_doc(code_set(args), note_language(args))
     if args.format == "json":
         print(json.dumps(doc, ensure_ascii=False, indent=2))
@@ -483,8 +386,6 @@ def run(args) -> None:
     doc = note_json(result, text, pipeline, **output_shape(args))
     full = note_json(result, text, pipeline) if args.html else None
     if args.explain or args.html:
-        from cec.coding.attribution import add_evidence
-
         for d in filter(None, (doc, full)):  # the spans are computed once, copied into the report's doc
             if d is doc:
                 add_evidence(d, pipeline, text, result)
@@ -499,10 +400,8 @@ def run(args) -> None:
     if args.format == "json":
         print(json.dumps(doc, ensure_ascii=False, indent=2))
     else:
-        print(format_table(doc, result.timing))
+        print(format_table(doc, timing_json(result.timing)))
     if args.html:
-        from cec.coding.report import write_report
-
         write_report(args.html, full,
                      concept_threshold=pipeline.config.concept_threshold, note_id=name)
         print(f"[cec] wrote {args.html}", file=sys.stderr)

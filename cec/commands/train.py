@@ -22,13 +22,22 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
-STAGE_DEFAULTS = {
-    "concept": dict(r=32, alpha=32.0, dropout=0.05, targets="all-linear", steps=500),
-    "label": dict(r=32, alpha=128.0, dropout=0.05, targets="k_proj,v_proj", steps=2000),
-    "direct": dict(r=32, alpha=32.0, dropout=0.05, targets="all-linear", steps=100),
-}
+import torch
+import torch.distributed as dist
+
+from cec.cli import add_runtime_args, runtime, user_errors
+from cec.coding import stages
+from cec.coding.concepts import load_concept_set
+from cec.data import read_notes
+from cec.engine.lora import WEIGHTS_FILE, inject_lora, load_adapter
+from cec.engine.weights import load_model
+from cec.errors import ConfigError, DataError
+from cec.training.checkpoint import latest_checkpoints
+from cec.training.examples import ExampleOptions, build_examples, check_labels
+from cec.training.trainer import TrainConfig, Trainer
 
 
 def parse_args(argv=None, prog: str = "train.py") -> argparse.Namespace:
@@ -36,7 +45,7 @@ def parse_args(argv=None, prog: str = "train.py") -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n".join(__doc__.split("\n\n")[1:]))
     g = ap.add_argument_group("what to train")
-    g.add_argument("--stage", required=True, choices=list(STAGE_DEFAULTS), help="which model of the pipeline")
+    g.add_argument("--stage", required=True, choices=stages.NAMES, help="which model of the pipeline")
     g.add_argument("--data", required=True, metavar="JSONL",
                    help='training notes, one {"id", "text", "labels": [code, ...]} object per line')
     g.add_argument("--dev", metavar="JSONL", help="dev notes for evaluation during training (optional)")
@@ -94,7 +103,7 @@ def parse_args(argv=None, prog: str = "train.py") -> argparse.Namespace:
     g.add_argument("--min-false", type=int, default=2,
                    help="label: at least this many false codes per note (default: %(default)s)")
     g.add_argument("--max-questions", type=int, help="at most this many questions per note (random subset)")
-    g.add_argument("--label-layout", choices=["paper", "compact"], default="paper",
+    g.add_argument("--label-layout", choices=stages.LABEL_LAYOUTS, default="paper",
                    help="label: 'paper' = Fig. 4 verbatim; 'compact' = the code-independent text once in the shared "
                         "prefix, one short line per concept answer (about 3x fewer tokens per code question at "
                         "inference); the adapter records it and the pipeline follows (default: %(default)s)")
@@ -110,16 +119,12 @@ def parse_args(argv=None, prog: str = "train.py") -> argparse.Namespace:
                    help="continue from the last checkpoint in --out (same data order, optimizer and RNG state)")
     g.add_argument("--stop-at", type=int, metavar="STEP",
                    help="stop after this step (checkpointed); finish later with --resume")
-    g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available; under torchrun "
-                                    "cuda:LOCAL_RANK)")
-    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="base weights: auto = bfloat16 on CUDA (with autocast), float32 on CPU (default: %(default)s)")
+    add_runtime_args(g, dtypes=("float32", "bfloat16"))  # on CUDA the forward runs under bfloat16 autocast
     g.add_argument("--save-dtype", choices=["float32", "bfloat16"], default="float32",
                    help="dtype of the final adapter file (checkpoints are always float32) (default: %(default)s)")
-    g.add_argument("--threads", type=int, help="CPU threads per process (default: torch's choice)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
-    for key, value in STAGE_DEFAULTS[args.stage].items():
+    for key, value in asdict(stages.get(args.stage).train_defaults).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.warmup is None:
@@ -128,8 +133,6 @@ def parse_args(argv=None, prog: str = "train.py") -> argparse.Namespace:
 
 
 def check_args(args) -> None:
-    from cec.errors import ConfigError
-
     positive = {"--steps": args.steps, "--grad-accum": args.grad_accum, "--max-tokens": args.max_tokens,
                 "--lora-r": args.r, "--keep-checkpoints": args.keep_checkpoints}
     for name, value in positive.items():
@@ -148,22 +151,14 @@ def check_args(args) -> None:
 
 
 def check_run_folder(args) -> None:
-    from cec.errors import ConfigError
-    from cec.training.trainer import latest_checkpoints
-
     out = Path(args.out)
-    if not args.resume and (latest_checkpoints(out) or (out / "adapter_model.safetensors").exists()):
+    if not args.resume and (latest_checkpoints(out) or (out / WEIGHTS_FILE).exists()):
         raise ConfigError(f"--out {out} already holds a run; pass --resume to continue it, or choose another --out")
 
 
 def read_data(args):
-    """(concept set, training notes, dev notes), checked; read before torch loads, so a bad file is reported at
-    once. Non-UTF-8 bytes in a notes file are an error naming the file and line (cec.data.read_notes)."""
-    from cec.coding.concepts import load_concept_set
-    from cec.data import read_notes
-    from cec.errors import DataError
-    from cec.training.examples import check_labels
-
+    """(concept set, training notes, dev notes), checked; read before the model loads, so a bad file is reported
+    at once. Non-UTF-8 bytes in a notes file are an error naming the file and line (cec.data.read_notes)."""
     concept_set = load_concept_set(args.concepts)
     notes = read_notes(args.data)
     if not notes:
@@ -177,51 +172,35 @@ def read_data(args):
 
 
 def setup_distributed(args):
-    """(rank, world, device) from torchrun's environment; a plain run is rank 0 of 1."""
-    import torch
-    import torch.distributed as dist
-
+    """(rank, world, device, dtype) from --device, --dtype, --threads (cec.cli.runtime) and torchrun's
+    environment; a plain run is rank 0 of 1. Under torchrun a CUDA process takes the GPU of its local rank."""
+    device, dtype = runtime(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if world > 1:
-        if device.startswith("cuda"):
-            device = f"cuda:{local}"
-            torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-        return dist.get_rank(), world, torch.device(device)
-    return 0, 1, torch.device(device)
+    if world == 1:
+        return 0, 1, device, dtype
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device(f"cuda:{local}")
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device, dtype
 
 
 def main(argv=None, prog: str = "train.py") -> None:
     args = parse_args(argv, prog)
     check_args(args)
     concept_set, notes, dev = read_data(args)
-    import torch
-
-    from cec.coding import prompts
-    from cec.errors import ConfigError
-    from cec.training.examples import ExampleOptions, build_examples
-    from cec.engine.lora import inject_lora, load_adapter
-    from cec.training.trainer import TrainConfig, Trainer
-    from cec.engine.weights import default_dtype, load_model
-
     check_run_folder(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rank, world, device = setup_distributed(args)
+    rank, world, device, dtype = setup_distributed(args)
 
     def log(msg: str) -> None:
         if rank == 0:
             print(f"[train] {msg}", file=sys.stderr, flush=True)
 
     try:
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: CUDA is not available")
-        dtype = {"auto": default_dtype(device), "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
         model, tokenizer = load_model(args.model, device=device, dtype=dtype)
-        layout = args.label_layout if args.stage == "label" else "paper"
-        yes_ids, no_ids = prompts.answer_ids(tokenizer, args.stage, layout)
+        stage = stages.get(args.stage, args.label_layout if args.stage == "label" else "paper")
+        yes_ids, no_ids = stage.answer_ids(tokenizer)
         torch.manual_seed(args.seed)  # the same LoRA init on every rank and in every run
         if args.init_adapter:
             lora_config, _ = load_adapter(model, args.init_adapter, dtype=torch.float32, dropout=args.dropout)
@@ -235,10 +214,10 @@ def main(argv=None, prog: str = "train.py") -> None:
         torch.manual_seed(args.seed + rank)  # dropout draws: one stream per rank
         opts = ExampleOptions(neg_ratio=args.neg_ratio, min_negatives=args.min_negatives, k=args.k, m=args.m,
                               false_ratio=args.false_ratio, min_false=args.min_false,
-                              max_questions=args.max_questions, label_layout=layout)
+                              max_questions=args.max_questions)
 
         def make_examples(note, epoch):
-            return build_examples(args.stage, note, concept_set, seed=args.seed, epoch=epoch, opts=opts)
+            return build_examples(stage, note, concept_set, seed=args.seed, epoch=epoch, opts=opts)
 
         config = TrainConfig(steps=args.steps, lr=args.lr, warmup=args.warmup, schedule=args.schedule,
                              grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm,
@@ -248,7 +227,7 @@ def main(argv=None, prog: str = "train.py") -> None:
                              gradient_checkpointing=args.gradient_checkpointing, stop_at=args.stop_at,
                              save_dtype=args.save_dtype, progress=not args.no_progress)
         meta = {"stage": args.stage, "concept_set": concept_set.name, "code_system": concept_set.code_system,
-                "prompts": layout, "yes_answers": list(prompts.YES_ANSWERS), "no_answers": list(prompts.NO_ANSWERS),
+                "prompts": stage.layout, "yes_answers": list(stage.yes_answers), "no_answers": list(stage.no_answers),
                 "train_notes": len(notes), "seed": args.seed,
                 "concept_set_codes": list(concept_set.codes),  # what infer.py and evaluate.py check the set against
                 **({"init_adapter": str(args.init_adapter)} if args.init_adapter else {})}
@@ -259,15 +238,11 @@ def main(argv=None, prog: str = "train.py") -> None:
                           dev_notes=dev, meta=meta, log=log)
         trainer.train(resume=args.resume)
     finally:
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
 
 def cli() -> None:
     """The `cec-train` command."""
-    from cec.cli import user_errors
-
     with user_errors("cec-train"):
         main(prog="cec-train")

@@ -1,4 +1,5 @@
-"""Attention: plain causal attention (SDPA) and the two partials of shared-prefix (cascade) attention.
+"""Attention: plain causal attention (SDPA) and shared-prefix attention, as two partials merged (cascade) or as
+one FlexAttention call with a block mask (flex).
 
 Shapes: q [B, H, T, D], k/v [B, Hkv, S, D]; H is a multiple of Hkv (GQA/MQA).
 Masks are boolean, True where a query may see a key. Positions are absolute token positions; sliding windows
@@ -6,8 +7,24 @@ Masks are boolean, True where a query may see a key. Positions are absolute toke
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+FLEX_BLOCK = 128  # FlexAttention's block of queries and of keys: the unit in which masked work is skipped
+
+
+@dataclass(frozen=True)
+class LayerMasks:
+    """What the queries of one layer kind (one sliding window) may see; built once per forward (model.ForwardPlan).
+    attn [B or 1, 1, Tq, S]: their own attention (this call's keys, or all cached ones); None = causal over this
+    call's own tokens, which SDPA does by index. prefix [B*Tq, P]: the shared prefix keys each query sees in
+    cascade attention; None = all of them. block: in place of both, the block mask of flex_attend."""
+    attn: torch.Tensor | None
+    prefix: torch.Tensor | None = None
+    block: BlockMask | None = None
 
 
 def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -83,3 +100,142 @@ def merge_partials(o1, lse1, o2, lse2):
     w2 = torch.exp(lse2 - m).unsqueeze(-1)
     out = (w1 * o1.float() + w2 * o2.float()) / (w1 + w2)
     return out.to(o1.dtype)
+
+
+def cascade_attend(q, k, v, prefix_k, prefix_v, scale: float, masks: LayerMasks, softcap: float | None = None):
+    """B questions q [B, H, L, D] with their own k/v [B, Hkv, L, D] after one shared prefix [1, Hkv, P, D]:
+    the prefix partial (all B*L queries as one block, so the prefix K/V are never copied per question), the
+    suffix partial inside each question, merged. masks.attn must be explicit: attend_with_lse has no causal
+    default."""
+    b, h, t, d = q.shape
+    qf = q.transpose(0, 1).reshape(1, h, b * t, d)
+    o_p, lse_p = attend_with_lse(qf, prefix_k, prefix_v, scale, masks.prefix, softcap)
+    o_p = o_p.view(h, b, t, d).transpose(0, 1)
+    lse_p = lse_p.view(h, b, t).transpose(0, 1)
+    o_s, lse_s = attend_with_lse(q, k, v, scale, masks.attn, softcap)
+    return merge_partials(o_p, lse_p, o_s, lse_s)
+
+
+@dataclass(frozen=True)
+class QuestionLayout:
+    """Where the queries and keys of flex_attend sit. The keys are one sequence: the shared prefix, then every
+    question's own tokens, question after question. Query i is a token of question q_row[i] at position q_pos[i];
+    key j is at k_pos[j], of question k_row[j] (-1: the prefix, which every question may read)."""
+    q_row: torch.Tensor  # [Tq] long
+    q_pos: torch.Tensor  # [Tq] long
+    k_row: torch.Tensor  # [P + S] long
+    k_pos: torch.Tensor  # [P + S] long
+    visible: torch.Tensor  # [B, P + S] bool: the keys each question may read (prefix hide ranges)
+
+    @classmethod
+    def of(cls, positions: torch.Tensor, prefix_positions: torch.Tensor,
+           prefix_visible: torch.Tensor | None = None) -> "QuestionLayout":
+        """B questions at positions [B, T] after a prefix at prefix_positions [P]; prefix_visible [B, P] or None."""
+        b, t = positions.shape
+        dev = positions.device
+        rows = torch.arange(b, device=dev).repeat_interleave(t)
+        p = prefix_positions.shape[0]
+        if prefix_visible is None:
+            visible = torch.ones(b, p + b * t, dtype=torch.bool, device=dev)
+        else:
+            visible = torch.cat([prefix_visible, prefix_visible.new_ones(b, b * t)], 1)
+        return cls(rows, positions.reshape(-1), torch.cat([rows.new_full((p,), -1), rows]),
+                   torch.cat([prefix_positions, positions.reshape(-1)]), visible)
+
+    def keep(self, rows: torch.Tensor) -> "QuestionLayout":
+        """One query per question, rows [B]: the token at index rows[i] of question i; the keys unchanged."""
+        b = rows.shape[0]
+        sel = torch.arange(b, device=rows.device)
+        return QuestionLayout(sel, self.q_pos.view(b, -1)[sel, rows], self.k_row, self.k_pos, self.visible)
+
+    def mask_mod(self, window: int | None):
+        """FlexAttention's mask_mod: a key of the prefix or of the query's own question, visible to its question,
+        causal by position and inside the window. Every value it reads is a tensor, so one compiled kernel serves
+        every window and every visibility."""
+        q_row, q_pos, k_row, k_pos, visible = self.q_row, self.q_pos, self.k_row, self.k_pos, self.visible
+        reach = torch.tensor(window or torch.iinfo(torch.long).max, device=q_pos.device)
+
+        def mask(b, h, qi, ki):
+            d = q_pos[qi] - k_pos[ki]
+            return ((d >= 0) & (d < reach) & ((k_row[ki] == q_row[qi]) | (k_row[ki] < 0))
+                    & visible[q_row[qi], ki])
+        return mask
+
+    def block_mask(self, window: int | None, block: int = FLEX_BLOCK) -> BlockMask:
+        """The BlockMask of mask_mod(window), decided per block pair from the ranges of rows and positions in each
+        block (no dense [Tq, P + S] mask is built, no value is read back to the host). A pair is full where every
+        query-key pair passes, skipped where none can, and masked element by element otherwise."""
+        q_row, q_pos = _blocks(self.q_row, block), _blocks(self.q_pos, block)  # [nq, block]
+        k_row, k_pos = _blocks(self.k_row, block), _blocks(self.k_pos, block)  # [nk, block]
+        q_lo, q_hi = q_pos.amin(1)[:, None], q_pos.amax(1)[:, None]
+        k_lo, k_hi = k_pos.amin(1)[None], k_pos.amax(1)[None]
+        some, full = q_hi - k_lo >= 0, q_lo - k_hi >= 0  # by the range of q_pos - k_pos
+        if window is not None:
+            some, full = some & (q_lo - k_hi < window), full & (q_hi - k_lo < window)
+        qr_lo, qr_hi = q_row.amin(1)[:, None], q_row.amax(1)[:, None]
+        kr_lo, kr_hi = k_row.amin(1)[None], k_row.amax(1)[None]
+        some = some & ((kr_lo < 0) | ((qr_lo <= kr_hi) & (kr_lo <= qr_hi)))  # prefix keys, or rows that overlap
+        full = full & ((kr_hi < 0) | ((qr_lo == qr_hi) & (kr_lo == kr_hi) & (qr_lo == kr_lo)))
+        seen = _blocks(self.visible.T, block).transpose(0, 2)  # [B, block, nk]
+        some = some & seen.any(1)[q_row].any(1)
+        full = full & seen.all(1)[q_row].all(1)
+        return BlockMask.from_kv_blocks(*_ordered(some & ~full), *_ordered(full), BLOCK_SIZE=block,
+                                        mask_mod=self.mask_mod(window),
+                                        seq_lengths=(self.q_row.shape[0], self.k_row.shape[0]))
+
+
+def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """[N, ...] -> [ceil(N / block), block, ...], the last block filled with copies of the last entry (which
+    leave every block's min, max, any and all as they are)."""
+    pad = -x.shape[0] % block
+    if pad:
+        x = torch.cat([x, x[-1:].expand(pad, *x.shape[1:])])
+    return x.view(-1, block, *x.shape[1:])
+
+
+def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[nq, nk] bool -> BlockMask's (number of key blocks per query block [1, 1, nq], their indices first)."""
+    num = blocks.sum(-1, dtype=torch.int32)
+    idx = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    return num[None, None], idx[None, None]
+
+
+def allow_recompiles(limit: int = 256):
+    """Every fixed shape is one more compiled entry of the same function; past dynamo's default limit (8) it would
+    run eagerly without a word, and eager flex_attention is the dense reference."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+
+
+_COMPILED_FLEX = []
+
+
+def _flex_kernel():
+    """flex_attention compiled, made once per process: the fused, block-sparse kernel (dynamic=False: on CPU it
+    does not compile with dynamic shapes). Run eagerly, flex_attention is its dense reference; inside a compiled
+    stack it is compiled with the stack."""
+    if torch.compiler.is_compiling():
+        return flex_attention
+    if not _COMPILED_FLEX:
+        allow_recompiles()
+        _COMPILED_FLEX.append(torch.compile(flex_attention, dynamic=False))
+    return _COMPILED_FLEX[0]
+
+
+def flex_attend(q, k, v, prefix_k, prefix_v, scale: float, block_mask: BlockMask, softcap: float | None = None,
+                kernel=None):
+    """cascade_attend in one FlexAttention call: the queries q [B, H, Tq, D] of B questions (all tokens, or one
+    row each), flattened into one sequence, against the keys of QuestionLayout: the prefix [1, Hkv, P, D] once,
+    then the questions' own k/v [B, Hkv, L, D] one after the other. block_mask (QuestionLayout.block_mask) keeps
+    each query to the keys its question sees. kernel: flex_attention to run the dense reference eagerly."""
+    b, h, tq, d = q.shape
+    hkv, t = k.shape[1], k.shape[2]
+    qf = q.transpose(0, 1).reshape(1, h, b * tq, d)
+    kf = torch.cat([prefix_k, k.transpose(0, 1).reshape(1, hkv, b * t, d)], 2)
+    vf = torch.cat([prefix_v, v.transpose(0, 1).reshape(1, hkv, b * t, d)], 2)
+    score_mod = None
+    if softcap is not None:
+        def score_mod(score, b, h, qi, ki):
+            return torch.tanh(score / softcap) * softcap
+    o = (kernel or _flex_kernel())(qf, kf, vf, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                                  enable_gqa=h != hkv)
+    return o.view(h, b, tq, d).transpose(0, 1)

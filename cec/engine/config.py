@@ -28,6 +28,9 @@ class ModelConfig:
     tie_word_embeddings: bool = True
     # family flags
     norm_offset: float = 0.0  # Gemma norms multiply by (1 + w)
+    # the cast rule of every RMSNorm, the final one in the yes/no head and its kernel included: Llama's casts the
+    # normalized fp32 to the input dtype, then scales in the weight's dtype; Gemma's (False) scales in fp32, then casts
+    llama_norm: bool = True
     embed_scale: bool = False  # Gemma multiplies embeddings by sqrt(hidden) rounded to dtype
     activation: str = "silu"  # "silu" (SwiGLU) | "gelu_tanh" (GeGLU)
     post_norms: bool = False  # Gemma 2/3: post-attention and post-feedforward norms
@@ -93,7 +96,7 @@ class ModelConfig:
             raise ConfigError(f"config.json lacks {e.args[0]!r}") from None
         if mt == "llama":
             return cls(**common, rope_scaling=_rope_scaling(hf), activation="silu")
-        gemma = dict(norm_offset=1.0, embed_scale=True, activation="gelu_tanh")
+        gemma = dict(norm_offset=1.0, llama_norm=False, embed_scale=True, activation="gelu_tanh")
         if mt == "gemma":
             return cls(**common, **gemma)
         window = hf.get("sliding_window")

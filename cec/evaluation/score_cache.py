@@ -6,6 +6,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from cec.io import AppendJsonl
+
 
 def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()[:16]
@@ -18,21 +20,18 @@ def text_hash(text: str) -> str:
 class ScoreCache:
     """Append-only JSONL of {"system", "key", "id", "text", "scores"}: one score vector per note and system.
 
-    A torn last line (a run killed mid-write) is skipped; a later append starts on a fresh line."""
+    A torn last line (a run killed mid-write) is skipped; a later append starts on a fresh line (cec.io.AppendJsonl)."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.file = AppendJsonl(path)
+        self.path = self.file.path
         self.index: dict[tuple, list[float]] = {}
-        self.skipped = 0
-        if self.path.is_file():
-            with open(self.path, "rb") as f:
-                for line in f:
-                    try:
-                        r = json.loads(line)
-                        self.index[(r["system"], r["key"], r["id"], r["text"])] = r["scores"]
-                    except (ValueError, KeyError, TypeError):
-                        self.skipped += 1
-        self._file = None
+        records, self.skipped = self.file.read()
+        for r in records:
+            try:
+                self.index[(r["system"], r["key"], r["id"], r["text"])] = r["scores"]
+            except (KeyError, TypeError):
+                self.skipped += 1
 
     def get(self, system: str, key: str, note: dict) -> list[float] | None:
         return self.index.get((system, key, note["id"], text_hash(note["text"])))
@@ -40,28 +39,15 @@ class ScoreCache:
     def put(self, system: str, key: str, note: dict, scores) -> list[float]:
         scores = [float(x) for x in (scores.tolist() if hasattr(scores, "tolist") else scores)]
         record = {"system": system, "key": key, "id": note["id"], "text": text_hash(note["text"]), "scores": scores}
-        if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            torn = False
-            if self.path.is_file() and self.path.stat().st_size > 0:
-                with open(self.path, "rb") as f:
-                    f.seek(-1, 2)
-                    torn = f.read(1) != b"\n"
-            self._file = open(self.path, "a", encoding="utf-8")
-            if torn:
-                self._file.write("\n")
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.file.append(record)
         self.index[(system, key, record["id"], record["text"])] = scores
         return scores
 
     def flush(self) -> None:
-        if self._file is not None:
-            self._file.flush()
+        self.file.flush()
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self.file.close()
 
 
 def default_cache_path(json_path: str | Path) -> Path:

@@ -7,7 +7,8 @@ Systems (keys for `--systems`):
     direct-ft  the same with a direct-stage LoRA adapter (Table 2)
     tfidf      TF-IDF + one-vs-rest logistic regression (cec.evaluation.baselines), trained on --train
 
-Stage-1 concept probabilities do not depend on K: they are computed once per note and reused by every cec-k
+Every system is scored by the stage functions of cec.coding.pipeline.CECPipeline, loaded through its one loading
+path. Stage-1 concept probabilities do not depend on K: they are computed once per note and reused by every cec-k
 and by leaf; all their code questions are then scored against one cached label prefix (duplicates once).
 Every per-note score vector goes to an append-only JSONL cache keyed by the note (id + text hash) and by a
 fingerprint of what the system depends on (model, adapter bytes, prompts, k, ...), so a re-run resumes and a
@@ -16,7 +17,6 @@ changed setup never reuses stale scores. Metrics are always computed from the ca
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import time
 from dataclasses import dataclass
@@ -26,14 +26,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cec.coding import prompts
+from cec.coding import stages
 from cec.coding.concepts import ConceptSet, load_concept_set
+from cec.coding.pipeline import (ADAPTERS, DEFAULT_PIPELINE, PIPELINE_FILE, CECPipeline, PipelineConfig,
+                                 resolve_config, shown_concepts)
+from cec.engine.weights import default_dtype
 from cec.errors import AdapterError, ConfigError, DataError
+from cec.evaluation import baselines
 from cec.evaluation.metrics import GRID_TEXT, evaluate, label_matrix, micro_f1, tune_threshold
 from cec.evaluation.score_cache import ScoreCache, digest, text_hash
-from cec.coding.pipeline import (DEFAULT_PIPELINE, PIPELINE_FILE, CECPipeline, PipelineConfig, load_stage_adapter,
-                          resolve_beside, share_base)
-from cec.coding.pipeline import shown_concepts, trained_layout
 
 DEFAULT_KS = (3, 4, 5, 6)
 CONCEPTS = "concept-probs"  # the cache's name for stage-1 concept probabilities
@@ -95,14 +96,18 @@ def parse_systems(keys: list[str] | None, main_k: int, have_direct_adapter: bool
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Setup: the pipeline config, adapter paths and the concept set
+# Setup: the pipeline config and the concept set
 # ---------------------------------------------------------------------------------------------------------
 @dataclass
 class EvalSetup:
-    config: PipelineConfig
+    config: PipelineConfig  # resolved (cec.coding.pipeline.resolve_config); stage 2 the label LLM
     concept_set: ConceptSet
-    adapters: dict  # stage ("concept", "label", "direct") -> absolute adapter folder or None
-    adapter_hashes: dict  # stage -> sha256 of the adapter's files, or None
+    adapter_hashes: dict  # stage ("concept", "label", "direct") -> sha256 of the adapter's files, or None
+
+    @property
+    def adapters(self) -> dict:
+        """stage -> absolute adapter folder or None."""
+        return {stage: self.config.adapter(stage) for stage in ADAPTERS}
 
 
 def adapter_hash(folder: Path | None) -> str | None:
@@ -124,39 +129,20 @@ def adapter_hash(folder: Path | None) -> str | None:
 def resolve_setup(pipeline: str | Path | None = None, *, model: str | None = None, concepts: str | None = None,
                   concept_adapter: str | None = None, label_adapter: str | None = None,
                   direct_adapter: str | None = None) -> EvalSetup:
-    """A pipeline folder (default: the shipped one) with flags overriding its fields; flag paths are relative to
-    the working directory, the folder's own adapter paths to the folder. `direct_adapter` may also come from an
-    optional key of the same name in cec_pipeline.json (PipelineConfig does not carry it)."""
-    folder = Path(pipeline) if pipeline else (None if model else DEFAULT_PIPELINE)
-    if folder is not None:
-        config, folder = PipelineConfig.load(folder)
-        config.base_model = resolve_beside(folder, config.base_model)
-        config.concept_set = resolve_beside(folder, config.concept_set)
-        raw = json.loads((folder / PIPELINE_FILE).read_text())
-        from_folder = {"concept": config.concept_adapter, "label": config.label_adapter,
-                       "direct": raw.get("direct_adapter")}
-        adapters = {stage: (folder / rel).resolve() if rel else None for stage, rel in from_folder.items()}
-    else:
-        config, adapters = PipelineConfig(), {"concept": None, "label": None, "direct": None}
-    if model:
-        config.base_model = model
-    if concepts:
-        config.concept_set = concepts
-    for stage, flag in (("concept", concept_adapter), ("label", label_adapter), ("direct", direct_adapter)):
-        if flag:
-            adapters[stage] = Path(flag).resolve()
-    if label_adapter:
-        config.label_layout = None  # another label adapter brings its own layout
-    if config.m < 0 or config.sampling not in ("top", "random"):
-        raise ConfigError(f"pipeline config: m={config.m}, sampling={config.sampling!r} (m >= 0; top or random)")
-    hashes = {stage: adapter_hash(path) for stage, path in adapters.items()}
-    if config.label_layout is None:
-        config.label_layout = trained_layout(adapters["label"])
-    return EvalSetup(config, load_concept_set(config.concept_set), adapters, hashes)
+    """A pipeline folder (default: the shipped one, or none when a model is given) with flags overriding its
+    fields, as cec.coding.pipeline.resolve_config resolves them; flag paths are relative to the working directory.
+    Stage 2 is the label LLM whatever the pipeline ships (the CEC systems ask it; thresholds are tuned on dev)."""
+    flag = lambda path: str(Path(path).resolve()) if path else None  # noqa: E731
+    config = resolve_config(Path(pipeline) if pipeline else (None if model else DEFAULT_PIPELINE), quiet=True,
+                            base_model=model, concept_set=concepts, concept_adapter=flag(concept_adapter),
+                            label_adapter=flag(label_adapter), direct_adapter=flag(direct_adapter),
+                            label_stage="llm")
+    hashes = {stage: adapter_hash(config.adapter(stage)) for stage in ADAPTERS}
+    return EvalSetup(config, load_concept_set(config.concept_set), hashes)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Scoring: CECPipeline split into its stages
+# The score cache's keys
 # ---------------------------------------------------------------------------------------------------------
 def leaf_view(cs: ConceptSet) -> ConceptSet:
     """The concept set with only each code's leaf-level concepts; concept ids unchanged, so stage-1 probabilities
@@ -165,89 +151,21 @@ def leaf_view(cs: ConceptSet) -> ConceptSet:
                       {c: [] for c in cs.codes}, cs.leaf_ids, cs.build)
 
 
-def concept_probs(pipe: CECPipeline, text: str) -> torch.Tensor:
-    """Stage 1: P(yes) for every concept of the pipeline's set against the (already fitted) note."""
-    return pipe.concept_probs(text)
-
-
-def code_questions(pipe: CECPipeline, concept_p: torch.Tensor, note_id: str | None, k: int,
-                   concept_set: ConceptSet | None = None) -> list[list[int]]:
-    """Stage-2 question ids, one per code, as CECPipeline.code_note builds them (cec.coding.pipeline.shown_concepts).
-    concept_set: a view of the pipeline's set (same concept ids), e.g. leaf_view."""
-    cs = concept_set or pipe.cs
-    return pipe.label_question_ids(concept_p, shown_concepts(pipe.config, cs, concept_p, note_id, k), cs)
-
-
-def code_probs_many(pipe: CECPipeline, text: str, concept_p: torch.Tensor, note_id: str | None,
-                    variants: dict[str, tuple[int, ConceptSet | None]]) -> dict[str, torch.Tensor]:
-    """Stage 2 for several (k, concept-set view) variants at once: one label prefix prefilled, each distinct
-    question scored once. Returns variant name -> P(code) in code order."""
-    shown = [(shown_concepts(pipe.config, view or pipe.cs, concept_p, note_id, k), view or pipe.cs)
-             for k, view in variants.values()]
-    return dict(zip(variants, pipe.code_probs(text, concept_p, shown)))
-
-
-def code_probs(pipe: CECPipeline, text: str, concept_p: torch.Tensor, note_id: str | None = None,
-               k: int | None = None, concept_set: ConceptSet | None = None) -> torch.Tensor:
-    k = pipe.config.k if k is None else k
-    return code_probs_many(pipe, text, concept_p, note_id, {"p": (k, concept_set)})["p"]
-
-
-def direct_probs(scorer, tokenizer, text: str, questions: list[list[int]]) -> torch.Tensor:
-    """Direct coding: P(yes) of one direct question per code description against the note."""
-    prefix = tokenizer.encode(prompts.direct_prefix(text), add_bos=True)
-    return torch.sigmoid(scorer.score(prefix, questions))
-
-
-class Models:
-    """The base model loaded once; the concept, label and direct adapters each on a twin sharing its weights,
-    so the base model itself stays adapter-free for direct coding without fine-tuning."""
-
-    def __init__(self, setup: EvalSetup, device="cpu", dtype: torch.dtype | None = None, batch_tokens: int = 4096):
-        from cec.engine.cache import PrefixScorer, head_for
-        from cec.engine.weights import load_model
-
-        cs = setup.concept_set
-        model, tokenizer = load_model(setup.config.base_model, device=device, dtype=dtype)
-
-        def adapted(stage):
-            path = setup.adapters[stage]
-            return model if path is None else load_stage_adapter(share_base(model), path, stage, cs)
-
-        self.pipe = CECPipeline(model, tokenizer, cs, setup.config, adapted("concept"), adapted("label"),
-                                batch_tokens=batch_tokens)
-        self.tokenizer = tokenizer
-        yes, no = prompts.answer_ids(tokenizer, "direct")
-        self.direct_scorers = {}
-        for key, stage_model in (("direct", model), ("direct-ft", adapted("direct") if setup.adapters["direct"]
-                                                      else None)):
-            if stage_model is not None:
-                self.direct_scorers[key] = PrefixScorer(stage_model, head_for(stage_model, yes, no),
-                                                        batch_tokens=batch_tokens, pad_id=tokenizer.pad_id or 0)
-        self.direct_questions = [tokenizer.encode(prompts.direct_question(cs.descriptions[c]), add_bos=False)
-                                 for c in cs.codes]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The score cache
-# ---------------------------------------------------------------------------------------------------------
 def fingerprints(setup: EvalSetup, systems: list[System], device, dtype) -> dict[str, str]:
     """system key (and CONCEPTS) -> hash of everything its per-note scores depend on."""
-    from cec.engine.weights import default_dtype
-
     cfg, cs = setup.config, setup.concept_set
     base = {"base_model": str(cfg.base_model), "dtype": str(dtype or default_dtype(device)),
             "device": torch.device(device).type, "max_note_tokens": cfg.max_note_tokens}
     descriptions = [(c, cs.descriptions[c]) for c in cs.codes]
-    answers = (prompts.YES_ANSWERS, prompts.NO_ANSWERS)
+    label_stage = stages.get("label", cfg.label_layout or "paper")
     concept = {**base, "adapter": setup.adapter_hashes["concept"], "concepts": [c.text for c in cs.concepts],
-               "prompt": (prompts.CONCEPT_INSTRUCTION, prompts.CONCEPT_QUESTION), "answers": answers}
+               "prompt": stages.CONCEPT.texts, "answers": (stages.CONCEPT.yes_answers, stages.CONCEPT.no_answers)}
     out = {CONCEPTS: digest(concept)}
     label = {"concept": out[CONCEPTS], "adapter": setup.adapter_hashes["label"], "descriptions": descriptions,
-             "prompt": prompts.label_prompt_text(cfg.label_layout or "paper"), "m": cfg.m, "sampling": cfg.sampling, "seed": cfg.seed,
+             "prompt": label_stage.texts, "m": cfg.m, "sampling": cfg.sampling, "seed": cfg.seed,
              "concept_threshold": cfg.concept_threshold}
-    direct = {**base, "descriptions": descriptions, "prompt": (prompts.DIRECT_INSTRUCTION, prompts.DIRECT_QUESTION),
-              "answers": answers}
+    direct = {**base, "descriptions": descriptions, "prompt": stages.DIRECT.texts,
+              "answers": (stages.DIRECT.yes_answers, stages.DIRECT.no_answers)}
     for s in systems:
         if s.kind in ("cec", "leaf"):
             view = leaf_view(cs) if s.kind == "leaf" else cs
@@ -269,7 +187,7 @@ class Evaluator:
         self.llm_systems = [s for s in systems if s.kind != "tfidf"]
         self.device, self.dtype, self.batch_tokens = device, dtype, batch_tokens
         self.keys = fingerprints(setup, systems, device, dtype)
-        self.models: Models | None = None  # loaded only when a score is missing from the cache
+        self.pipe: CECPipeline | None = None  # loaded only when a score is missing from the cache
         self.timing = {"notes_computed": 0, "concept_s": 0.0, "label_s": 0.0, "direct_s": 0.0}
 
     def scores(self, notes: list[dict], desc: str) -> dict[str, np.ndarray]:
@@ -284,9 +202,12 @@ class Evaluator:
 
     @torch.no_grad()
     def _compute(self, note: dict, missing: list[System]) -> None:
-        if self.models is None:
-            self.models = Models(self.setup, self.device, self.dtype, self.batch_tokens)
-        pipe, keys, cache = self.models.pipe, self.keys, self.cache
+        if self.pipe is None:
+            direct = any(s.kind in ("direct", "direct-ft") for s in self.llm_systems)
+            self.pipe = CECPipeline.load(config=self.setup.config, concept_set=self.setup.concept_set,
+                                         device=self.device, dtype=self.dtype, direct=direct,
+                                         batch_tokens=self.batch_tokens)
+        pipe, keys, cache = self.pipe, self.keys, self.cache
         text = pipe.fit_note(note["text"])
         self.timing["notes_computed"] += 1
         staged = [s for s in missing if s.kind in ("cec", "leaf")]
@@ -294,21 +215,21 @@ class Evaluator:
             t0 = time.perf_counter()
             cp = cache.get(CONCEPTS, keys[CONCEPTS], note)
             if cp is None:
-                cp = cache.put(CONCEPTS, keys[CONCEPTS], note, concept_probs(pipe, text))
+                cp = cache.put(CONCEPTS, keys[CONCEPTS], note, pipe.concept_probs(text))
             cp = torch.tensor(cp, dtype=torch.float32)
             t1 = time.perf_counter()
             leaf = leaf_view(pipe.cs)
-            variants = {s.key: (s.k, leaf if s.kind == "leaf" else None) for s in staged}
-            for key, p in code_probs_many(pipe, text, cp, note["id"], variants).items():
-                cache.put(key, keys[key], note, p)
+            views = [leaf if s.kind == "leaf" else pipe.cs for s in staged]
+            variants = [(shown_concepts(pipe.config, view, cp, note["id"], s.k), view)
+                        for s, view in zip(staged, views)]
+            for s, p in zip(staged, pipe.code_probs(text, cp, variants)):
+                cache.put(s.key, keys[s.key], note, p)
             self.timing["concept_s"] += t1 - t0
             self.timing["label_s"] += time.perf_counter() - t1
         for s in missing:
             if s.kind in ("direct", "direct-ft"):
                 t0 = time.perf_counter()
-                p = direct_probs(self.models.direct_scorers[s.key], self.models.tokenizer, text,
-                                 self.models.direct_questions)
-                cache.put(s.key, keys[s.key], note, p)
+                cache.put(s.key, keys[s.key], note, pipe.direct_probs(text, fine_tuned=s.kind == "direct-ft"))
                 self.timing["direct_s"] += time.perf_counter() - t0
 
 
@@ -323,8 +244,6 @@ def tfidf_scores(train: list[dict], dev: list[dict], test: list[dict], codes: li
                  ) -> tuple[np.ndarray, np.ndarray, dict]:
     """(dev scores, test scores, info) of the TF-IDF baseline, from the cache when this exact train/dev/test
     setup was run before."""
-    from cec.evaluation.baselines import tfidf_logreg
-
     key = digest({"train": [(n["id"], text_hash(n["text"]), n["labels"]) for n in train],
                    "dev": [(n["id"], text_hash(n["text"]), n["labels"]) for n in dev], "codes": codes})
     info_note = {"id": "tfidf", "text": key}  # the chosen C, stored as a one-number record
@@ -332,7 +251,7 @@ def tfidf_scores(train: list[dict], dev: list[dict], test: list[dict], codes: li
     info = cache.get("tfidf-info", key, info_note)
     if all(c is not None for c in cached) and info is not None:
         return np.array(cached[: len(dev)]), np.array(cached[len(dev):]), {"C": info[0]}
-    result = tfidf_logreg(train, dev, test, codes)
+    result = baselines.tfidf_logreg(train, dev, test, codes)
     for n, s in zip(dev, result.dev_scores):
         cache.put("tfidf", key, n, s)
     for n, s in zip(test, result.test_scores):
