@@ -12,9 +12,10 @@ training examples are drawn from a labelled note (`draw`, as the paper builds th
 
 - concept: the concepts of the note's true codes (C_y for each true y) are pseudo-positive; negatives are
   sampled from the concepts of its negative codes that are not positive, `neg_ratio` per positive.
-- label: for each true code l and for sampled false codes: k concepts of C_l, plus m concepts from the opposite
-  pseudo set (C_- when l is true, C_+ when false), each with its pseudo answer (Yes when the concept is in C_+,
-  the union of the true codes' sets); the answer to the question is whether l is true.
+- label: for each true code l and for sampled false codes (`label_codes`): k concepts of C_l, plus m concepts
+  from the opposite pseudo set (C_- when l is true, C_+ when false), each with its pseudo answer (Yes when the
+  concept is in C_+, the union of the true codes' sets); the answer to the question is whether l is true.
+  (cec.training.concept_answers asks the same codes with the concept model's own answers instead.)
 - direct: one question per code description, true codes and sampled negative codes.
 
 Token ids are built one way (`encode`): the prefix with BOS, each question without; the model sees prefix_ids +
@@ -114,15 +115,20 @@ def _draw_concept(stage: Stage, note: dict, cs, rng: random.Random, opts) -> lis
     return [(stage.question(cs.concepts[i].text), y, f"c{i}") for i, y in items]
 
 
-def _draw_label(stage: Stage, note: dict, cs, rng: random.Random, opts) -> list[tuple[str, int, str]]:
+def label_codes(note: dict, cs, rng: random.Random, opts) -> list[tuple[str, int]]:
+    """The codes a label-stage note is asked about, each (code, 1 = true): its true codes, then sampled false
+    codes (opts.false_ratio per true code, at least opts.min_false)."""
     true = [c for c in cs.codes if c in set(note["labels"])]
-    c_pos = {i for code in true for i in cs.concept_ids(code)}
-    c_neg = sorted({i for code in cs.codes for i in cs.concept_ids(code)} - c_pos)
     false_pool = [c for c in cs.codes if c not in set(true)]
     n_false = min(len(false_pool), max(round(opts.false_ratio * len(true)), opts.min_false))
-    false = _sample(rng, false_pool, n_false)
+    return [(c, 1) for c in true] + [(c, 0) for c in _sample(rng, false_pool, n_false)]
+
+
+def _draw_label(stage: Stage, note: dict, cs, rng: random.Random, opts) -> list[tuple[str, int, str]]:
+    c_pos = {i for code in note["labels"] if code in cs for i in cs.concept_ids(code)}
+    c_neg = sorted({i for code in cs.codes for i in cs.concept_ids(code)} - c_pos)
     out = []
-    for code, y in [(c, 1) for c in true] + [(c, 0) for c in false]:
+    for code, y in label_codes(note, cs, rng, opts):
         own = cs.concept_ids(code)
         other = [i for i in (c_neg if y else sorted(c_pos)) if i not in set(own)]
         chosen = _sample(rng, own, opts.k) + _sample(rng, other, opts.m)

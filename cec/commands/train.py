@@ -12,6 +12,11 @@ process, each note with all its questions (so one step sees tens of question-ans
 The run folder gets the adapter (adapter_config.json + adapter_model.safetensors, PEFT's format; cec_adapter.json),
 checkpoints/step-N/ for --resume, and train_log.jsonl (loss per step, dev loss/AUC/accuracy).
 
+The label stage shows each code question concept answers: pseudo answers from the gold codes (the paper, App. C;
+the default), or with --concept-answers predicted --concept-adapter DIR the concept model's own answers, every
+concept of every training note scored first (kept in the run folder, concept_scores.jsonl) and the concepts
+shown chosen as inference chooses them (cec.training.concept_answers); cec_adapter.json records which.
+
 Notes files must be UTF-8, as JSON requires (a line that is not is an error naming the file and line). Bad input
 (a missing or malformed file, an unknown code, weights or a checkpoint of another model) is one line on stderr and
 exit status 2. A run killed at any point resumes from its last checkpoint with --resume and ends with the same
@@ -20,6 +25,7 @@ adapter; a loss that is not finite stops the run and names the last good checkpo
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from dataclasses import asdict
@@ -31,10 +37,13 @@ import torch.distributed as dist
 from cec.cli import add_runtime_args, runtime, user_errors
 from cec.coding import stages
 from cec.coding.concepts import load_concept_set
+from cec.coding.pipeline import SAMPLING, PipelineConfig
 from cec.data import read_notes
-from cec.engine.lora import WEIGHTS_FILE, inject_lora, load_adapter
+from cec.engine.lora import META_FILE, WEIGHTS_FILE, inject_lora, load_adapter
 from cec.engine.weights import load_model
 from cec.errors import ConfigError, DataError
+from cec.evaluation.systems import adapter_hash
+from cec.training.concept_answers import CONCEPT_ANSWERS, SCORES_FILE, PredictedAnswers, score_notes
 from cec.training.checkpoint import latest_checkpoints
 from cec.training.examples import ExampleOptions, build_examples, check_labels
 from cec.training.trainer import TrainConfig, Trainer
@@ -107,6 +116,19 @@ def parse_args(argv=None, prog: str = "train.py") -> argparse.Namespace:
                    help="label: 'paper' = Fig. 4 verbatim; 'compact' = the code-independent text once in the shared "
                         "prefix, one short line per concept answer (about 3x fewer tokens per code question at "
                         "inference); the adapter records it and the pipeline follows (default: %(default)s)")
+    g.add_argument("--concept-answers", choices=CONCEPT_ANSWERS,
+                   help="label: the concept answers its questions show: 'pseudo' = from the gold codes (the paper, "
+                        "App. C); 'predicted' = the --concept-adapter's own answers on each training note, the "
+                        "concepts chosen as inference chooses them (default: pseudo)")
+    g.add_argument("--concept-adapter", metavar="DIR",
+                   help="label, --concept-answers predicted: the concept-stage adapter whose answers are shown; its "
+                        "scores are kept in the run folder (concept_scores.jsonl) and reused by later runs")
+    g.add_argument("--label-sampling", choices=SAMPLING,
+                   help="label, --concept-answers predicted: which own concepts a question shows, as the pipeline's "
+                        "sampling: 'top' = the highest-scoring, 'random' = a random sample (default: top)")
+    g.add_argument("--concept-threshold", type=float,
+                   help="label, --concept-answers predicted: a concept is answered Yes when its probability is at "
+                        "least this (default: 0.5, the pipeline's)")
 
     g = ap.add_argument_group("evaluation, checkpoints, run")
     g.add_argument("--eval-every", type=int, default=50, help="dev evaluation every N steps, and at the end "
@@ -132,6 +154,32 @@ def parse_args(argv=None, prog: str = "train.py") -> argparse.Namespace:
     return args
 
 
+def check_concept_answers(args) -> None:
+    """--concept-answers and the flags of its predicted variant: label stage only, and consistent."""
+    predicted_flags = {"--concept-adapter": args.concept_adapter, "--label-sampling": args.label_sampling,
+                       "--concept-threshold": args.concept_threshold}
+    if args.stage != "label":
+        given = [name for name, v in {"--concept-answers": args.concept_answers, **predicted_flags}.items()
+                 if v is not None]
+        if given:
+            raise ConfigError(f"{given[0]} is for --stage label, not --stage {args.stage}")
+        return
+    args.concept_answers = args.concept_answers or "pseudo"
+    if args.concept_answers == "pseudo":
+        given = [name for name, v in predicted_flags.items() if v is not None]
+        if given:
+            raise ConfigError(f"{given[0]} is for --concept-answers predicted (this run shows pseudo answers)")
+        return
+    if not args.concept_adapter:
+        raise ConfigError("--concept-answers predicted needs --concept-adapter DIR (a concept-stage adapter)")
+    if not Path(args.concept_adapter).is_dir():
+        raise ConfigError(f"--concept-adapter {args.concept_adapter}: no such folder")
+    args.label_sampling = args.label_sampling or "top"
+    args.concept_threshold = 0.5 if args.concept_threshold is None else args.concept_threshold
+    if not 0 <= args.concept_threshold <= 1:
+        raise ConfigError(f"--concept-threshold must be in [0, 1], got {args.concept_threshold}")
+
+
 def check_args(args) -> None:
     positive = {"--steps": args.steps, "--grad-accum": args.grad_accum, "--max-tokens": args.max_tokens,
                 "--lora-r": args.r, "--keep-checkpoints": args.keep_checkpoints}
@@ -148,12 +196,26 @@ def check_args(args) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
+    check_concept_answers(args)
 
 
 def check_run_folder(args) -> None:
     out = Path(args.out)
     if not args.resume and (latest_checkpoints(out) or (out / WEIGHTS_FILE).exists()):
         raise ConfigError(f"--out {out} already holds a run; pass --resume to continue it, or choose another --out")
+    found = latest_checkpoints(out) if args.resume and args.stage == "label" else []
+    if found:  # the examples a run trains on must not change under it
+        try:
+            saved = json.loads((found[-1] / META_FILE).read_text())
+        except (OSError, ValueError):
+            saved = {}
+        was = saved.get("concept_answers", "pseudo") if isinstance(saved, dict) else "pseudo"
+        if was != args.concept_answers:
+            raise ConfigError(f"checkpoint {found[-1]} was trained with --concept-answers {was}, this run has "
+                              f"{args.concept_answers}: resume with the same --concept-answers")
+        if was == "predicted" and saved.get("concept_adapter_sha256") != adapter_hash(Path(args.concept_adapter)):
+            raise ConfigError(f"checkpoint {found[-1]} was trained on the answers of another concept adapter "
+                              f"({saved.get('concept_adapter')}): resume with the same --concept-adapter")
 
 
 def read_data(args):
@@ -201,6 +263,9 @@ def main(argv=None, prog: str = "train.py") -> None:
         model, tokenizer = load_model(args.model, device=device, dtype=dtype)
         stage = stages.get(args.stage, args.label_layout if args.stage == "label" else "paper")
         yes_ids, no_ids = stage.answer_ids(tokenizer)
+        answers, answers_meta = None, {"concept_answers": args.concept_answers} if args.stage == "label" else {}
+        if args.concept_answers == "predicted":
+            answers, answers_meta = predicted_answers(args, model, tokenizer, concept_set, notes, rank, log)
         torch.manual_seed(args.seed)  # the same LoRA init on every rank and in every run
         if args.init_adapter:
             lora_config, _ = load_adapter(model, args.init_adapter, dtype=torch.float32, dropout=args.dropout)
@@ -217,7 +282,7 @@ def main(argv=None, prog: str = "train.py") -> None:
                               max_questions=args.max_questions)
 
         def make_examples(note, epoch):
-            return build_examples(stage, note, concept_set, seed=args.seed, epoch=epoch, opts=opts)
+            return build_examples(stage, note, concept_set, seed=args.seed, epoch=epoch, opts=opts, answers=answers)
 
         config = TrainConfig(steps=args.steps, lr=args.lr, warmup=args.warmup, schedule=args.schedule,
                              grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm,
@@ -230,7 +295,7 @@ def main(argv=None, prog: str = "train.py") -> None:
                 "prompts": stage.layout, "yes_answers": list(stage.yes_answers), "no_answers": list(stage.no_answers),
                 "train_notes": len(notes), "seed": args.seed,
                 "concept_set_codes": list(concept_set.codes),  # what infer.py and evaluate.py check the set against
-                **({"init_adapter": str(args.init_adapter)} if args.init_adapter else {})}
+                **answers_meta, **({"init_adapter": str(args.init_adapter)} if args.init_adapter else {})}
         log(f"stage {args.stage}: {len(notes)} notes, {len(dev)} dev notes, {world} process(es) on {device}, "
             f"LoRA r={args.r} alpha={args.alpha:g} on {', '.join(lora_config.target_modules)}; "
             f"{args.steps} steps of {args.grad_accum * world} notes")
@@ -240,6 +305,27 @@ def main(argv=None, prog: str = "train.py") -> None:
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def predicted_answers(args, model, tokenizer, concept_set, notes, rank, log):
+    """(PredictedAnswers, its meta) for --concept-answers predicted: rank 0 scores the notes the run folder's
+    score cache lacks, the other ranks then read them."""
+    config = PipelineConfig(base_model=str(args.model), concept_set=concept_set.name,
+                            concept_adapter=str(Path(args.concept_adapter).resolve()), k=args.k, m=args.m,
+                            sampling=args.label_sampling, concept_threshold=args.concept_threshold,
+                            seed=args.seed)
+    if rank == 0:
+        log(f"concept answers: scoring {len(notes)} notes with {args.concept_adapter} (cached in "
+            f"{Path(args.out) / SCORES_FILE})")
+        probs = score_notes(model, tokenizer, concept_set, config, notes, args.out, not args.no_progress)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    if rank != 0:
+        probs = score_notes(model, tokenizer, concept_set, config, notes, args.out, False)
+    meta = {"concept_answers": "predicted", "concept_adapter": config.concept_adapter,
+            "concept_adapter_sha256": adapter_hash(config.adapter("concept")), "sampling": config.sampling,
+            "concept_threshold": config.concept_threshold, "max_note_tokens": config.max_note_tokens}
+    return PredictedAnswers(config, concept_set, probs), meta
 
 
 def cli() -> None:
