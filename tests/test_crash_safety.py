@@ -325,7 +325,8 @@ def raw_writes(path: Path) -> list[tuple[str, int, str]]:
             if isinstance(child, ast.Call):
                 call = ast.unparse(child.func)
                 mode = next((ast.literal_eval(a) for a in child.args[1:2] if isinstance(a, ast.Constant)), None)
-                mode = next((ast.literal_eval(k.value) for k in child.keywords if k.arg == "mode"), mode)
+                mode = next((ast.literal_eval(k.value) for k in child.keywords
+                             if k.arg == "mode" and isinstance(k.value, ast.Constant)), mode)  # torch.compile(mode=x)
                 writing_mode = isinstance(mode, str) and bool(set(mode) & set("wax+"))
                 writes = (
                     (call in ("open", "io.open", "gzip.open", "os.fdopen") and writing_mode)
