@@ -81,8 +81,8 @@ def fixed_batches(lengths: list[int], max_tokens: int, max_batch: int) -> list[t
 
 
 def prefix_slots(n: int) -> int:
-    """The cache length a prefix of n tokens gets at fixed shapes: a power of two, 256 at least. The padding slots
-    cost FlexAttention nothing (their blocks are skipped) and keep the shapes few."""
+    """The cache length a prefix of n tokens gets at fixed shapes: a power of two, 256 at least, so that the shapes
+    are few. FlexAttention skips the padding slots' blocks; cascade attention masks them (compile=True only)."""
     return max(256, 1 << (n - 1).bit_length())
 
 
@@ -119,11 +119,13 @@ class PrefixScorer:
     score(prefix_ids, questions, hide) -> the same with hide[i] = (start, end) prefix token positions that
     question i may not attend to (None: sees all); a mask in the prefix partial, the prefix is still encoded once.
 
-    attention: how the question tokens read the prefix, "cascade" (two partials merged; the reference, and the
-    default: on CPU it is the faster) or "flex" (one FlexAttention call per layer, its kernel compiled).
+    attention: how the question tokens read the prefix, "cascade" (two partials merged; the reference and the
+    default, with no compile cost) or "flex" (one FlexAttention call per layer, its kernel compiled: it skips
+    the prefix blocks a sliding window does not reach, so it gains with long prefixes).
     compile: run the layer stack compiled (torch.compile; CUDA graphs on a GPU). Either of flex and compile runs
     batches at fixed shapes (fixed_batches, prefix_slots); the first batch of each new shape compiles (once per
-    process) and is timed apart, in stats.compile_seconds. Scores are the same on every path (to rounding).
+    process; minutes on a CPU) and is timed apart, in stats.compile_seconds. Every path gives the same scores,
+    to rounding.
     """
 
     def __init__(self, model: Transformer, head: YesNoHead, *, batch_tokens: int = 4096, max_batch: int = 256,
@@ -179,9 +181,14 @@ class PrefixScorer:
         else:
             batches = [(idx, len(idx), max(lengths[i] for i in idx))
                        for idx in batches_by_length(lengths, self.batch_tokens, self.max_batch)]
-        forward = partial(compiled_forward(dev), self.model) if self.compile else self.model
         n_tok = n_batch = 0
         compiling, shapes = 0.0, set()
+        forward = self.model
+        if self.compile:
+            t, fresh = time.perf_counter(), not _COMPILED
+            forward = partial(compiled_forward(dev), self.model)
+            if fresh:  # the first one imports the compiler
+                compiling = time.perf_counter() - t
         for idx, rows, width in batches:
             ids = torch.full((rows, width), self.pad_id, dtype=torch.long)
             last = torch.zeros(rows, dtype=torch.long)  # padding rows keep their first token
@@ -192,8 +199,9 @@ class PrefixScorer:
             seen = None
             if hide is not None and any(hide[i] for i in idx):
                 seen = visible(prefix.positions.shape[0], [hide[i] for i in idx] + [None] * (rows - len(idx)), dev)
+            # a hidden range adds masks to cascade attention; flex reads a visibility tensor either way
             shape = (id(self.model), self.attention, self.compile, rows, width, prefix.positions.shape[0],
-                     seen is not None)
+                     seen is not None and self.attention == "cascade")
             t = time.perf_counter()
             plan = self.model.plan(ids, prefix=prefix, prefix_visible=seen, last=last, attention=self.attention)
             h_last = forward(ids, plan=plan, final_norm=False)[: len(idx), 0]
