@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cec.cli import positive_int  # noqa: E402
 from cec.engine import attention, model as engine_model  # noqa: E402
+from cec.coding import stages  # noqa: E402
 from cec.engine.scorer import batches_by_length  # noqa: E402
 from profile_prefix import Call, ForwardLog, floor_seconds, matmul_seconds  # noqa: E402 -- scripts/, beside this file
 
@@ -132,7 +133,7 @@ def instrument(pipe) -> Breakdown:
     for m in models:
         bd.wrap(m, "prefill", "prefill loop")
         bd.wrap(m, "new_cache", "cache allocation")
-        for attr in ("plan", "_rope", "_masks"):
+        for attr in ("plan", "_rope"):
             bd.wrap(m, attr, "plan: rope tables, masks")
         for name, mod in m.named_modules():
             if isinstance(mod, nn.Linear):
@@ -254,7 +255,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--notes", help="notes JSONL (default: the shipped example note)")
     ap.add_argument("--n", type=int, default=3, help="notes to code (default: %(default)s)")
     ap.add_argument("--label-adapter", help="another code-stage adapter (its layout comes with it)")
-    ap.add_argument("--label-layout", choices=("paper", "compact"), help="override the pipeline's code-stage layout")
+    ap.add_argument("--label-layout", choices=stages.LABEL_LAYOUTS, help="override the pipeline's code-stage layout")
     ap.add_argument("--label-stages", nargs="+", choices=("llm", "linear"),
                     help="stage-2 variants timed in this one run on the same loaded model (default: the pipeline's)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

@@ -14,6 +14,16 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: loads the real Gemma 3 270M or other large files (still runs in CI)")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For a module of tiny models (pytestmark = pytest.mark.usefixtures("one_thread")): they gain nothing from a
+    second thread, and on a shared CPU it costs several times over. Anything a test sets is undone after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 

@@ -13,12 +13,7 @@ TOL = 1e-4
 YES, NO = [7, 11], [13]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rand_ids(seed, n):

@@ -23,13 +23,7 @@ import profile_prefix  # noqa: E402
 from profile_prefix import ForwardLog  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread beats two waiting on each other; the scripts' --threads is undone after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model() -> Transformer:

@@ -26,13 +26,7 @@ spec.loader.exec_module(evaluate_script)
 ALL_SYSTEMS = ["cec-k3", "cec-k4", "cec-k5", "cec-k6", "leaf", "direct", "direct-ft", "tfidf"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These matrices are tiny: on a shared CPU one thread beats two waiting on each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

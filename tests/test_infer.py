@@ -50,14 +50,7 @@ def tiny(tmp_path_factory):
     return d
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny model gains nothing from more; on a busy shared CPU they cost 3x
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(capsys, *args):

@@ -29,15 +29,7 @@ SOURCES = [*sorted((ROOT / "cec").rglob("*.py")), ROOT / "infer.py", ROOT / "tra
            *sorted((ROOT / "scripts").glob("*.py")), *sorted((ROOT / "kernels").glob("*.py"))]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models gain nothing from a second thread; on this shared CPU it costs several times over."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

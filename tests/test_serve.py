@@ -20,14 +20,7 @@ NOTE = "Patient has fever and chills. High blood pressure on lisinopril.\nChroni
 CONTRACT_KEYS = {"note", "code_system", "threshold", "codes", "timing"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def free_port() -> int:
