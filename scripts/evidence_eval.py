@@ -5,11 +5,13 @@
 1. Gold: each Spanish note is cut into sentences, aligned to its English lines (cec.evaluation.align, Gale-Church 1-1/1-2/2-1)
    and each CodiEsp-X mention of a CodiEsp-D50 code mapped to the English line(s) of its span. On all dev notes.
 2. Ranking: for every gold (note, code) of CodiEsp-D50 in the first --max-notes notes with one, the note's
-   sentences are ranked for the code, whether or not it was predicted: by our attribution, by BM25 (today's
+   sentences are ranked for the code, whether or not it was predicted: by our attribution (asking --per-code
+   concepts per code; "ours_N" rows: the first N of them only, from the same drops), by BM25 (the old report's
    report: cec.coding.report's tokens, the code description and its Yes concepts as the query, ties in note order), by
    a random ranking (its expected hit@k, exactly) and by note order. hit@k: a gold sentence in the top k.
-3. Faithfulness: for the note's most probable predicted code, the note is coded again (stage 1 whole, stage 2 for
-   that code) without its top sentence and without a random sentence; the drops of P(code) and of its logit.
+3. Faithfulness: for the note's most probable predicted code, the note is coded again (stage 1 whole, then the
+   pipeline's stage 2 for that code: the linear bottleneck, or the label LLM) without its top sentence and without
+   a random sentence; the drops of P(code) (calibrated, as reported) and of its logit.
 4. Time: code_note against code_note + the attribution of its predicted codes (add_evidence's work), per note.
 """
 import argparse
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 
 from cec.evaluation.align import align, map_span, parse_offsets
-from cec.coding.attribution import attribute, evidence_weights, note_sentences
+from cec.coding.attribution import PER_CODE, attribute, evidence_weights, note_sentences, strongest
 from cec.coding.output import code_list
 from cec.coding.pipeline import CECPipeline, shown_concepts
 from cec.coding.stages import prefix_ids
@@ -87,14 +89,35 @@ def random_hit(n: int, g: int, k: int) -> float:
 
 
 def recode_score(pipe, text: str, j: int, note_id: str, concept_p=None) -> float:
-    """The logit of P(code j) for `text`, coded as code_note codes it (stage 1 whole unless concept_p is given,
-    stage 2 for code j only)."""
+    """The logit of P(code j) for `text` (calibrated, as code_note reports it), coded as code_note codes it:
+    stage 1 whole unless concept_p is given, then stage 2 for code j only."""
     text = pipe.fit_note(text)
     if concept_p is None:
         concept_p = pipe.concept_probs(text)
-    q = pipe.label_question_ids(concept_p, shown_concepts(pipe.config, pipe.cs, concept_p, note_id))[j]
-    prefix = prefix_ids(pipe.tokenizer, pipe.stages["label"].prefix(text))
-    return float(pipe.label_scorer.score(prefix, [q])[0])
+    if pipe.bottleneck is not None:
+        x = pipe.bottleneck.logits(concept_p)[j]
+    else:
+        q = pipe.label_question_ids(concept_p, shown_concepts(pipe.config, pipe.cs, concept_p, note_id))[j]
+        prefix = prefix_ids(pipe.tokenizer, pipe.stages["label"].prefix(text))
+        x = pipe.label_scorer.score(prefix, [q])[0]
+    if pipe.calibration is not None:
+        return float(torch.logit(pipe.calibration(torch.sigmoid(torch.as_tensor(x)).reshape(1)), eps=1e-7)[0])
+    return float(x)
+
+
+def ranking_scores(pipe, result, code_indices, attributed, per_code: int | None, n: int) -> torch.Tensor:
+    """The sentence scores `attribute` (run with per_code) would give had it asked only the first n <= per_code
+    concepts of each code (attribution.strongest): the same drops, fewer rows; a label LLM's code-question drop
+    kept."""
+    _, concept_ids, cdrops, scores = attributed
+    row = {i: r for r, i in enumerate(concept_ids)}
+    w_asked, w_n = (torch.zeros(len(code_indices), len(concept_ids)) for _ in range(2))
+    for k, j in enumerate(code_indices):
+        weights = evidence_weights(pipe, result, j)
+        for w, m in ((w_asked, per_code), (w_n, n)):
+            for i, v in strongest(weights, result.concept_probs, m).items():
+                w[k, row[i]] = v
+    return w_n @ cdrops + (scores - w_asked @ cdrops)
 
 
 def without(text: str, span) -> str:
@@ -121,7 +144,7 @@ def summarise(out, n_notes, n_pairs, hits, by_pred, faith, times, args) -> None:
     out["time"] = {"notes": len(times), "code_seconds_per_note": mean([t[0] for t in times]),
                    "evidence_seconds_per_note": mean([t[1] for t in times]),
                    "ratio_with_evidence": round((code_s + ev_s) / code_s, 3) if code_s else None,
-                   "threads": args.threads}
+                   "threads": args.threads, "per_code": args.per_code or "all"}
 
 
 def main(argv=None) -> dict:
@@ -134,9 +157,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--show", type=int, default=0, help="print this many mapped gold mentions to stderr")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--per-code", type=int, default=PER_CODE,
+                    help=f"concepts asked per code (default {PER_CODE}, as infer.py; 0: all of them)")
     ap.add_argument("--out", type=Path, help="also write the JSON here, updated after every note")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    per_code = args.per_code or None
+    fewer = range(1, per_code) if per_code else ()  # "ours_N" rankings from the same drops
     notes = [json.loads(line) for line in args.dev.read_text(encoding="utf-8").splitlines() if line.strip()]
     pipe = CECPipeline.load(args.pipeline)
     codes = list(pipe.cs.codes)
@@ -155,20 +182,32 @@ def main(argv=None) -> dict:
         t1 = time.perf_counter()
         spans = note_sentences(text)
         predicted = [codes.index(c["code"]) for c in code_list(result, pipe) if c["predicted"]]
-        pred_scores = attribute(pipe, text, result, predicted, spans)[3]  # add_evidence's work, less the JSON
+        pred_attr = attribute(pipe, text, result, predicted, spans, per_code)  # add_evidence's work, less the JSON
         t2 = time.perf_counter()
+        pred_scores = pred_attr[3]
         times.append((t1 - t0, t2 - t1))
         want = [c for c in n["labels"] if (nid, c) in gold]
         idx = [codes.index(c) for c in want]
         rest = [j for j in idx if j not in predicted]  # gold codes not predicted: ranked all the same
-        rest_scores = attribute(pipe, text, result, rest, spans)[3] if rest else None
-        scores = torch.stack([pred_scores[predicted.index(j)] if j in predicted else rest_scores[rest.index(j)]
-                              for j in idx]) if idx else None
+        rest_attr = attribute(pipe, text, result, rest, spans, per_code) if rest else None
+
+        def gold_rows(n):  # [len(idx), sentences]: the scores of the gold codes, asking n concepts per code
+            per = []
+            for codes_, a in ((predicted, pred_attr), (rest, rest_attr)):
+                if a is None or n == per_code:
+                    per.append(None if a is None else a[3])
+                else:
+                    per.append(ranking_scores(pipe, result, codes_, a, per_code, n))
+            return torch.stack([per[0][predicted.index(j)] if j in predicted else per[1][rest.index(j)]
+                                for j in idx])
+        scores = {f"ours_{n}": gold_rows(n) for n in fewer} if idx else {}
+        if idx:
+            scores["ours"] = gold_rows(per_code)
         for k, (c, j) in enumerate(zip(want, idx)):
             g = gold[(nid, c)]
             words = [pipe.cs.descriptions[c]] + [pipe.cs.concepts[i].text for i in evidence_weights(pipe, result, j)]
-            orders = {"ours": torch.argsort(scores[k], descending=True, stable=True).tolist(),
-                      "bm25": bm25_order(text, spans, " ".join(words)), "first": list(range(len(spans)))}
+            orders = {m: torch.argsort(sc[k], descending=True, stable=True).tolist() for m, sc in scores.items()}
+            orders.update({"bm25": bm25_order(text, spans, " ".join(words)), "first": list(range(len(spans)))})
             for m, order in orders.items():
                 hits[m][0] += order[0] in g
                 hits[m][1] += bool(g & set(order[:3]))

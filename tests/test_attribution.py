@@ -6,7 +6,7 @@ import torch
 
 from cec.coding.attribution import (add_evidence, drops, explain, fitted_spans, note_sentences, token_ranges)
 from cec.coding.output import note_json
-from cec.engine.scorer import PrefixScorer, head_for, score_naive
+from cec.engine.scorer import PrefixScorer, common_prefix_len, head_for, score_naive
 from hf_tiny import FAMILIES, hf_model, ours_from_hf
 
 TOL = 1e-4
@@ -61,14 +61,31 @@ def test_a_hidden_question_scores_the_same_alone_or_batched(ours):
 
 def test_drops_are_score_minus_score_with_the_range_hidden(ours):
     head = head_for(ours, YES, NO)
-    prefix, questions = rand_ids(4, 24), [rand_ids(20 + i, 4) for i in range(3)]
+    prefix, questions = rand_ids(4, 24), [[3, 4] + rand_ids(20 + i, 4) for i in range(3)]
     ranges = [(1, 8), None, (8, 24)]
-    d = drops(PrefixScorer(ours, head), prefix, questions, ranges)
+    d = drops(PrefixScorer(ours, head), prefix, 2, questions, ranges)
     assert d.shape == (3, 3) and torch.equal(d[:, 1], torch.zeros(3))
+    # the 2-token header goes with the prefix: it reads the whole prefix, the questions' own tokens are masked
+    with_header, own = prefix + [3, 4], [q[2:] for q in questions]
     for s in (0, 2):
-        ref = score_naive(ours, head, prefix, questions) - score_naive(ours, head, prefix, questions,
+        ref = score_naive(ours, head, with_header, own) - score_naive(ours, head, with_header, own,
                                                                       hide=[ranges[s]] * 3)
         assert (d[:, s] - ref).abs().max().item() < TOL
+
+
+def test_keep_last_reuses_the_prefilled_cache_only_for_the_same_ids(ours, monkeypatch):
+    head = head_for(ours, YES, NO)
+    prefix, questions = rand_ids(5, 20), [[3, 4] + rand_ids(30 + i, 3) for i in range(4)]
+    for keep in (True, False):
+        scorer = PrefixScorer(ours, head, keep_last=keep)
+        calls = []
+        real = scorer.encode_prefix
+        monkeypatch.setattr(scorer, "encode_prefix", lambda ids, extra=0: calls.append(len(ids)) or real(ids, extra))
+        first = scorer.score(prefix, questions)
+        again = scorer.score(prefix + [3, 4], [q[2:] for q in questions])  # the ids the first call prefilled
+        assert (first - again).abs().max().item() < TOL
+        scorer.score(prefix[:-1], questions)  # other ids: prefilled anew
+        assert calls == ([22, 21] if keep else [22, 22, 21])
 
 
 def test_sentences_are_lines_and_long_lines_are_cut():
@@ -128,11 +145,27 @@ def test_code_scores_are_weighted_concept_drops_plus_the_code_question_drop(pipe
     w = evidence_weights(pipe, result, j)
     own = set(pipe.cs.concept_ids(pipe.cs.codes[j]))
     assert w and set(w) <= own and all(result.concept_probs[i] >= pipe.config.concept_threshold for i in w)
-    got = attribute(pipe, NOTE, result, [j])[3][0]
+    got = attribute(pipe, NOTE, result, [j], per_code=None)[3][0]
     ids = list(w)
     want = (torch.tensor([w[i] for i in ids]) @ concept_drops(pipe, NOTE, ids, spans)
             + code_question_drops(pipe, NOTE, result, [j], spans)[0])
     assert (got - want).abs().max().item() < TOL
+
+
+def test_per_code_asks_the_concepts_whose_terms_can_fall_most(pipe):
+    from cec.coding.attribution import attribute, concept_drops, strongest
+    from cec.coding.bottleneck import CLIP, concept_logits
+
+    x = concept_logits(torch.tensor([0.9, 0.2, 0.99, 0.5]))
+    weights = {0: 1.0, 1: 3.0, 2: 0.5, 3: -2.0}
+    room = {i: w * (float(x[i]) + CLIP) for i, w in weights.items() if w > 0}
+    assert list(strongest(weights, torch.tensor([0.9, 0.2, 0.99, 0.5]), 2)) == sorted(room, key=lambda i: -room[i])[:2]
+    assert strongest(weights, torch.tensor([0.9, 0.2, 0.99, 0.5]), None) == weights
+    result = pipe.code_note(NOTE)
+    spans = note_sentences(NOTE)
+    j = 2
+    _, ids, cdrops, _ = attribute(pipe, NOTE, result, [j], per_code=1)
+    assert len(ids) == 1 and torch.allclose(cdrops, concept_drops(pipe, NOTE, ids, spans), atol=TOL)
 
 
 def test_concept_drops_equal_rescoring_with_the_sentence_masked(pipe):
@@ -142,10 +175,13 @@ def test_concept_drops_equal_rescoring_with_the_sentence_masked(pipe):
     spans = note_sentences(NOTE)
     d = concept_drops(pipe, NOTE, [0, 5], spans)
     prefix_text = prompts.concept_prefix(NOTE)
-    prefix = stages.prefix_ids(pipe.tokenizer, prefix_text)
     ranges = token_ranges(pipe.tokenizer, prefix_text, len(prompts.CONCEPT_INSTRUCTION), spans)
     sc = pipe.concept_scorer
-    qs = [pipe.concept_questions[0], pipe.concept_questions[5]]
+    # the header every concept question starts with is read with the whole note (coding cached it so)
+    header = common_prefix_len(pipe.concept_questions)
+    assert header > 0
+    prefix = stages.prefix_ids(pipe.tokenizer, prefix_text) + pipe.concept_questions[0][:header]
+    qs = [pipe.concept_questions[0][header:], pipe.concept_questions[5][header:]]
     base = score_naive(sc.model, sc.head, prefix, qs)
     for s, r in enumerate(ranges):
         assert (d[:, s] - (base - score_naive(sc.model, sc.head, prefix, qs, hide=[r, r]))).abs().max() < TOL
@@ -175,3 +211,16 @@ def test_json_gets_spans_per_predicted_code_and_a_sentence_per_yes_concept(pipe)
                 continue
             if ev["sentence"] is not None:
                 assert NOTE[ev["sentence"]["start"]:ev["sentence"]["end"]] == ev["sentence"]["text"]
+
+
+def test_evidence_reads_the_cache_coding_filled(pipe, monkeypatch):
+    from cec.coding.attribution import attribute
+
+    result = pipe.code_note(NOTE)
+    calls = []
+    real = pipe.concept_scorer.encode_prefix
+    monkeypatch.setattr(pipe.concept_scorer, "encode_prefix", lambda ids, extra=0: calls.append(1) or real(ids, extra))
+    attribute(pipe, NOTE, result, [0, 1, 2])
+    assert calls == []  # stage 1's note is not prefilled again
+    attribute(pipe, NOTE + "\nMore text.", pipe.code_note(NOTE + "\nMore text."), [0])
+    assert len(calls) == 1  # a new note: prefilled once, by its coding

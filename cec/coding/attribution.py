@@ -2,17 +2,23 @@
 
 A sentence's drop for a yes/no question is the question's score (l_yes - l_no) with the whole note minus its
 score when the question's tokens may not attend to that sentence's tokens of the cached note
-(PrefixScorer.score(..., hide)). Each stage's prefix is prefilled once; every (question, sentence) pair is one
-more short question against it, so nothing of the note is re-encoded per sentence. The hidden keys are those of
-the sentence only: later note tokens, which read it while the note was encoded, stay visible.
+(PrefixScorer.score(..., hide)). Nothing of the note is re-encoded per sentence: every (question, sentence) pair
+is one more short question against the stage's prefix, and that prefix is the very cache coding filled (the
+pipeline's scorers keep their last one). The hidden keys are those of the sentence only: the tokens encoded
+after it, which read it then, stay visible -- the later note tokens and the question header every question of
+the stage shares ("### Question: Is the note above relevant with the concept '"), which coding cached with the
+note.
 
 A code's sentence score is sum_i w_i * drop_i over its concepts (evidence_weights), plus the drop of the code's
 own stage-2 question while stage 2 is the label LLM. For a linear concept bottleneck (code logit =
-b + sum_i w_i * logit(p_i)) the concept part is exactly the code's logit drop.
+b + sum_i w_i * logit(p_i)) the concept part is the drop of the code's logit carried by the concepts asked.
+Which concepts are asked: the PER_CODE of each code whose term has the most room to fall, w_i * (x_i + CLIP)
+with w_i > 0 (a Yes concept at x = +6 can fall by 14, a No at -6 by 2); per_code=None asks all of them (exact,
+about three times the coding time on a CodiEsp note).
 
     result = pipe.code_note(text, note_id)
     doc = note_json(result, text, pipe)      # cec.coding.output
-    add_evidence(doc, pipe, text, result)    # "spans" on each predicted code, "sentence" on its Yes concepts
+    add_evidence(doc, pipe, text, result)    # "spans" on each predicted code, "sentence" on its asked concepts
 """
 from __future__ import annotations
 
@@ -21,12 +27,15 @@ import time
 
 import torch
 
+from cec.coding.bottleneck import CLIP, concept_logits
 from cec.coding.output import code_list
 from cec.coding.report import sentence_spans
 from cec.coding.stages import prefix_ids
+from cec.engine.scorer import common_prefix_len
 
 LONG_LINE = 300  # characters: a longer line is cut into sentences, a shorter one is one sentence
 TOP = 3  # spans kept per code
+PER_CODE = 3  # concepts asked per code (see the module's docstring); None: all
 
 
 def note_sentences(text: str, long: int = LONG_LINE) -> list[tuple[int, int]]:
@@ -83,14 +92,18 @@ def _prefix(pipe, stage: str, text: str, spans):
     return prefix_ids(pipe.tokenizer, prefix_text), ranges
 
 
-def drops(scorer, prefix_ids: list[int], questions: list[list[int]], ranges) -> torch.Tensor:
+def drops(scorer, prefix_ids: list[int], header: int, questions: list[list[int]], ranges) -> torch.Tensor:
     """[len(questions), len(ranges)]: score with the whole prefix minus score with each range hidden (0 for a
-    range that is None). One scorer call: the unhidden questions and every (question, range) pair."""
+    range that is None). The first `header` tokens of every question (the header all of the stage's questions
+    share, which coding cached with the prefix) go with the prefix, so the cache coding left is reused. One
+    scorer call: the unhidden questions and every (question, range) pair."""
     pairs = [(q, s) for q in range(len(questions)) for s, r in enumerate(ranges) if r is not None]
     out = torch.zeros(len(questions), len(ranges))
     if not questions:
         return out
-    scores = scorer.score(prefix_ids, questions + [questions[q] for q, _ in pairs],
+    prefix = list(prefix_ids) + list(questions[0][:header])
+    own = [q[header:] for q in questions]
+    scores = scorer.score(prefix, own + [own[q] for q, _ in pairs],
                           [None] * len(questions) + [ranges[s] for _, s in pairs])
     if pairs:
         q, s = torch.tensor(pairs).T
@@ -98,17 +111,24 @@ def drops(scorer, prefix_ids: list[int], questions: list[list[int]], ranges) -> 
     return out
 
 
+def header_len(scorer, questions: list[list[int]]) -> int:
+    """The question tokens coding moved into the prefix: the common start of all of a stage's questions."""
+    return common_prefix_len(questions) if scorer.share_question_prefix else 0
+
+
 def concept_drops(pipe, text: str, concept_ids: list[int], spans) -> torch.Tensor:
     """[len(concept_ids), len(spans)] drops of the concept questions (stage 1) for each hidden sentence."""
     prefix, ranges = _prefix(pipe, "concept", text, spans)
-    return drops(pipe.concept_scorer, prefix, [pipe.concept_questions[i] for i in concept_ids], ranges)
+    header = header_len(pipe.concept_scorer, pipe.concept_questions)
+    return drops(pipe.concept_scorer, prefix, header, [pipe.concept_questions[i] for i in concept_ids], ranges)
 
 
 def code_question_drops(pipe, text: str, result, code_indices: list[int], spans) -> torch.Tensor:
     """[len(code_indices), len(spans)] drops of the codes' stage-2 questions (label prefix) per hidden sentence."""
     prefix, ranges = _prefix(pipe, "label", text, spans)
     questions = pipe.label_question_ids(result.concept_probs, result.shown)
-    return drops(pipe.label_scorer, prefix, [questions[j] for j in code_indices], ranges)
+    return drops(pipe.label_scorer, prefix, header_len(pipe.label_scorer, questions),
+                 [questions[j] for j in code_indices], ranges)
 
 
 def evidence_weights(pipe, result, code_index: int) -> dict[int, float]:
@@ -129,10 +149,20 @@ def stage2_is_llm(pipe) -> bool:
     return getattr(pipe.config, "label_stage", "llm") == "llm"
 
 
-def attribute(pipe, text: str, result, code_indices: list[int], spans=None):
+def strongest(weights: dict[int, float], concept_p, n: int | None) -> dict[int, float]:
+    """The n concepts of `weights` whose terms have the most room to fall, w_i * (x_i + CLIP) with w_i > 0 (all of
+    them for n=None)."""
+    if n is None:
+        return weights
+    x = concept_logits(concept_p)
+    room = {i: w * (float(x[i]) + CLIP) for i, w in weights.items() if w > 0}
+    return {i: weights[i] for i in sorted(room, key=lambda i: -room[i])[:n]}
+
+
+def attribute(pipe, text: str, result, code_indices: list[int], spans=None, per_code: int | None = PER_CODE):
     """(spans, concept ids, concept drops [C, S], code scores [len(code_indices), S]); two scorer calls."""
     spans = note_sentences(text) if spans is None else spans
-    weights = [evidence_weights(pipe, result, j) for j in code_indices]
+    weights = [strongest(evidence_weights(pipe, result, j), result.concept_probs, per_code) for j in code_indices]
     concept_ids = sorted({i for w in weights for i in w})
     cdrops = concept_drops(pipe, text, concept_ids, spans)
     row = {i: r for r, i in enumerate(concept_ids)}
@@ -156,22 +186,25 @@ def ranked(text: str, spans, scores: torch.Tensor, top: int | None = TOP) -> lis
     return [_span(text, spans[s], scores[s]) for s in order[:top]]
 
 
-def explain(pipe, text: str, result, codes: list[str] | None = None, top: int | None = TOP) -> dict[str, list[dict]]:
+def explain(pipe, text: str, result, codes: list[str] | None = None, top: int | None = TOP,
+            per_code: int | None = PER_CODE) -> dict[str, list[dict]]:
     """{code: [{"start", "end", "text", "score"}, ...] best first} for `codes` (default: the predicted ones)."""
     if codes is None:
         codes = [c["code"] for c in code_list(result, pipe) if c["predicted"]]
     index = {c: j for j, c in enumerate(pipe.cs.codes)}
-    spans, _, _, scores = attribute(pipe, text, result, [index[c] for c in codes])
+    spans, _, _, scores = attribute(pipe, text, result, [index[c] for c in codes], per_code=per_code)
     return {c: ranked(text, spans, scores[k], top) for k, c in enumerate(codes)}
 
 
-def add_evidence(doc: dict, pipe, text: str, result, top: int | None = TOP) -> dict:
+def add_evidence(doc: dict, pipe, text: str, result, top: int | None = TOP, per_code: int | None = PER_CODE) -> dict:
     """Adds `spans` to each predicted code of the infer.py JSON object `doc` and `sentence` (the span whose
-    hiding lowers that concept's answer most, or None) to each of its evidence concepts. Returns doc."""
+    hiding lowers that concept's answer most; None for a concept not asked or with no span that lowers it) to
+    each of its evidence concepts. Returns doc."""
     t0 = time.perf_counter()
     index = {c: j for j, c in enumerate(pipe.cs.codes)}
     predicted = [c for c in doc["codes"] if c["predicted"]]
-    spans, concept_ids, cdrops, scores = attribute(pipe, text, result, [index[c["code"]] for c in predicted])
+    spans, concept_ids, cdrops, scores = attribute(pipe, text, result, [index[c["code"]] for c in predicted],
+                                                   per_code=per_code)
     by_text = {pipe.cs.concepts[i].text: r for r, i in enumerate(concept_ids)}
     for k, c in enumerate(predicted):
         c["spans"] = ranked(text, spans, scores[k], top)

@@ -257,8 +257,9 @@ class CECPipeline:
         self.label_model = concept_model if label_model is None else label_model  # linear: its scorer asks nothing
 
         def scorer(model, stage: Stage) -> PrefixScorer:
+            # keep_last: evidence (cec.coding.attribution) asks more questions of the note coding just prefilled
             return PrefixScorer(model, head_for(model, *stage.answer_ids(tokenizer)), batch_tokens=batch_tokens,
-                                pad_id=tokenizer.pad_id or 0)
+                                pad_id=tokenizer.pad_id or 0, keep_last=True)
 
         self.concept_scorer = scorer(self.concept_model, self.stages["concept"])
         self.label_scorer = scorer(self.label_model, self.stages["label"])

@@ -130,7 +130,7 @@ class PrefixScorer:
 
     def __init__(self, model: Transformer, head: YesNoHead, *, batch_tokens: int = 4096, max_batch: int = 256,
                  chunk: int = 1024, share_question_prefix: bool = True, pad_id: int = 0,
-                 attention: str = "cascade", compile: bool = False):
+                 attention: str = "cascade", compile: bool = False, keep_last: bool = False):
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, not {attention!r}")
         self.model, self.head = model, head
@@ -139,12 +139,25 @@ class PrefixScorer:
         self.attention, self.compile = attention, compile
         self.fixed_shapes = compile or attention == "flex"
         self.stats = ScoreStats()
+        # keep_last: the last prefilled cache is kept, and a call with the same prefix ids (the shared question
+        # tokens included) reuses it instead of prefilling again. Only for a model whose weights do not change.
+        self.keep_last = keep_last
+        self._last: tuple[tuple[int, ...], KVCache] | None = None
 
     @torch.no_grad()
     def encode_prefix(self, prefix_ids: list[int], extra: int = 0) -> KVCache:
         n = len(prefix_ids) + extra
         cache = self.model.new_cache(prefix_slots(n) if self.fixed_shapes else n)
         self.model.prefill(prefix_ids, chunk=self.chunk, cache=cache)
+        return cache
+
+    def prefilled(self, prefix_ids: list[int]) -> KVCache:
+        """The cache of prefix_ids: the kept one when it holds exactly these ids (keep_last), else prefilled."""
+        key = tuple(prefix_ids)
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
+        cache = self.encode_prefix(list(prefix_ids))
+        self._last = (key, cache) if self.keep_last else None
         return cache
 
     @torch.no_grad()
@@ -159,7 +172,7 @@ class PrefixScorer:
         t0 = time.perf_counter()
         # shared question tokens would go into the cache having read the hidden keys: none shared with hide
         shared = common_prefix_len(questions) if self.share_question_prefix and hide is None else 0
-        cache = self.encode_prefix(list(prefix_ids) + list(questions[0][:shared]))
+        cache = self.prefilled(list(prefix_ids) + list(questions[0][:shared]))
         t1 = time.perf_counter()
         scores = self.score_cached(cache, [q[shared:] for q in questions], hide)
         t2 = time.perf_counter()
