@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 import torch
 
+from cec.engine.scorer import ATTENTION
 from cec.engine.weights import default_dtype
 from cec.errors import CECError, ConfigError
 
@@ -52,6 +53,16 @@ def add_runtime_args(parser, dtypes: tuple[str, ...] = DTYPES) -> None:
     parser.add_argument("--dtype", choices=("auto", *dtypes), default="auto",
                         help="model weights: auto = bfloat16 on CUDA, float32 on CPU (default: %(default)s)")
     parser.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads of torch (default: torch's)")
+
+
+def add_scoring_args(parser) -> None:
+    """--attention and --compile: how the shared-prefix scorers run (cec.engine.scorer.PrefixScorer)."""
+    parser.add_argument("--attention", choices=ATTENTION, default="cascade",
+                        help="question attention: cascade (two partials merged; the default) or flex (one "
+                             "FlexAttention call per layer, compiled on first use)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the layer stack (torch.compile; CUDA graphs on a GPU) and run question "
+                             "batches at fixed shapes: the first note pays the compilation (minutes on a CPU)")
 
 
 def runtime(args):

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cec.cli import positive_int  # noqa: E402
+from cec.cli import add_scoring_args, positive_int  # noqa: E402
 from cec.engine import attention, model as engine_model  # noqa: E402
 from cec.coding import stages  # noqa: E402
 from cec.engine.scorer import batches_by_length  # noqa: E402
@@ -262,6 +262,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=positive_int, default=1, help="code each note this many times, report the fastest")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", metavar="FILE", help="also write the JSON here")
+    add_scoring_args(ap)
     args = ap.parse_args(argv)
 
     from cec.data import read_notes
@@ -287,6 +288,7 @@ def main(argv=None) -> dict:
            "stages": {}}
     for stage in args.label_stages or [config.label_stage]:
         pipe = CECPipeline.load(folder, model=share_base(model), tokenizer=tokenizer, label_stage=stage,
+                                attention=args.attention, compile=args.compile,
                                 threshold=config.threshold, label_layout=args.label_layout,
                                 label_adapter=str(Path(args.label_adapter).resolve()) if args.label_adapter else None)
         pipe.code_note(notes[0]["text"][:400], "warmup")  # first-call allocations out of the figures
@@ -312,7 +314,10 @@ def main(argv=None) -> dict:
                              "concept_seconds": tm["concept_seconds"], "label_seconds": tm["label_seconds"],
                              "prefix_tokens": cs.prefix_tokens, "concept_questions": cs.questions,
                              "concept_question_tokens": cs.question_tokens, "code_questions": ls.questions,
-                             "code_question_tokens": ls.question_tokens})
+                             "code_question_tokens": ls.question_tokens,
+                             # first batches of shapes new to the process (--attention flex, --compile): compiling,
+                             # inside "seconds"; --repeats 2 keeps a coding without it
+                             "compile_seconds": round(cs.compile_seconds + ls.compile_seconds, 3)})
                 print(json.dumps({"stage": stage, **rows[-1]}), file=sys.stderr, flush=True)
         finally:
             bd.close()

@@ -187,3 +187,30 @@ def test_unknown_attention_is_refused():
     model = ours_from_hf(hf_model("llama", seed=5))
     with pytest.raises(ValueError, match="attention"):
         PrefixScorer(model, head_for(model, YES, NO), attention="sdpa")
+
+
+def test_pipeline_and_infer_pass_the_scoring_options_on(tmp_path):
+    import json
+
+    from tiny_train import save_tiny_model, tiny_concept_set
+
+    from cec.coding.pipeline import CECPipeline
+    from cec.commands.infer import parse_args
+
+    save_tiny_model(tmp_path / "model", vocab_size=600)
+    tiny_concept_set().save(tmp_path / "concepts.json")
+    (tmp_path / "cec_pipeline.json").write_text(json.dumps(
+        {"base_model": str(tmp_path / "model"), "concept_set": str(tmp_path / "concepts.json")}))
+    note = "Patient has fever and chills.\nHigh blood pressure on lisinopril."
+    torch.set_num_threads(1)
+    cascade = CECPipeline.load(tmp_path)
+    flex = CECPipeline.load(tmp_path, attention="flex")
+    assert {flex.concept_scorer.attention, flex.label_scorer.attention} == {"flex"}
+    assert cascade.concept_scorer.attention == "cascade" and not cascade.concept_scorer.compile
+    a, b = cascade.code_note(note), flex.code_note(note)
+    assert (a.concept_probs - b.concept_probs).abs().max().item() < TOL
+    assert (a.code_probs - b.code_probs).abs().max().item() < TOL
+    args = parse_args(["--note", "x.txt", "--attention", "flex", "--compile"])
+    assert args.attention == "flex" and args.compile
+    args = parse_args(["--note", "x.txt"])
+    assert args.attention == "cascade" and not args.compile

@@ -242,9 +242,11 @@ class NoteResult:
 class CECPipeline:
     def __init__(self, tokenizer, concept_set, config: PipelineConfig, concept_model: Transformer,
                  label_model: Transformer | None = None, *, bottleneck: Bottleneck | None = None,
-                 direct_models: dict[bool, Transformer] | None = None, batch_tokens: int = 4096):
+                 direct_models: dict[bool, Transformer] | None = None, batch_tokens: int = 4096,
+                 attention: str = "cascade", compile: bool = False):
         """label_model: the label LLM (None for a linear stage 2); direct_models: {fine_tuned: model} of
-        direct coding ({} unless loaded with direct=True)."""
+        direct coding ({} unless loaded with direct=True). attention, compile: how the scorers run their question
+        batches (cec.engine.scorer.PrefixScorer); the same scores either way."""
         self.tokenizer, self.cs, self.config = tokenizer, concept_set, config
         if config.label_stage == "linear" and bottleneck is None:
             raise DataError("label_stage 'linear' needs a concept bottleneck (bottleneck in cec_pipeline.json)")
@@ -259,7 +261,7 @@ class CECPipeline:
         def scorer(model, stage: Stage) -> PrefixScorer:
             # keep_last: evidence (cec.coding.attribution) asks more questions of the note coding just prefilled
             return PrefixScorer(model, head_for(model, *stage.answer_ids(tokenizer)), batch_tokens=batch_tokens,
-                                pad_id=tokenizer.pad_id or 0, keep_last=True)
+                                pad_id=tokenizer.pad_id or 0, keep_last=True, attention=attention, compile=compile)
 
         self.concept_scorer = scorer(self.concept_model, self.stages["concept"])
         self.label_scorer = scorer(self.label_model, self.stages["label"])
@@ -278,12 +280,15 @@ class CECPipeline:
     @classmethod
     def load(cls, folder: str | Path | None = None, *, config: PipelineConfig | None = None, model=None,
              tokenizer=None, concept_set=None, device="cpu", dtype=None, fold: bool = True, direct: bool = False,
-             batch_tokens: int = 4096, **overrides) -> "CECPipeline":
+             batch_tokens: int = 4096, attention: str = "cascade", compile: bool = False,
+             **overrides) -> "CECPipeline":
         """A pipeline folder (default: the shipped Gemma 3 270M / CodiEsp-D50 one), with optional overrides of
         its config fields (threshold, k, ...; resolve_config) and of its concept set; or a config resolve_config
         made. fold: fold the adapters into private copies of the layers they adapt (faster; fold=False keeps
         LoRA layers, e.g. to inspect them). direct: also direct coding, on the bare base weights and (with a
-        direct_adapter) with the direct adapter, each a twin; the concept adapter then goes on a twin as well."""
+        direct_adapter) with the direct adapter, each a twin; the concept adapter then goes on a twin as well.
+        attention ("cascade" or "flex") and compile: the scorers' paths (PrefixScorer); compile=True compiles on
+        the first note of each batch shape (minutes on a CPU), then runs at fixed shapes."""
         if isinstance(concept_set, (str, Path)):
             overrides["concept_set"], concept_set = str(concept_set), None
         if config is None:
@@ -305,7 +310,7 @@ class CECPipeline:
             if m is not None and config.adapter(stage):
                 load_stage_adapter(m, config.adapter(stage), stage, cs, fold)
         return cls(tokenizer, cs, config, concept_model, label_model, bottleneck=bottleneck,
-                   direct_models=direct_models, batch_tokens=batch_tokens)
+                   direct_models=direct_models, batch_tokens=batch_tokens, attention=attention, compile=compile)
 
     def fit_note(self, text: str) -> str:
         return self.fit_note_info(text)[0]

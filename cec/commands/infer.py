@@ -44,7 +44,7 @@ import sys
 import time
 from pathlib import Path
 
-from cec.cli import add_runtime_args, positive_int, runtime, user_errors
+from cec.cli import add_runtime_args, add_scoring_args, positive_int, runtime, user_errors
 from cec.data import decode_text, read_notes, read_text_file
 from cec.errors import DataError
 from cec.io import AppendJsonl, atomic_write_bytes, atomic_write_json, prepare_output, same_file
@@ -244,7 +244,8 @@ def load_pipeline(args):
                      label_adapter=adapter(args.label_adapter), label_layout=args.label_layout,
                      label_stage=args.label_stage)
     concept_set = load_concept_set(args.concepts) if args.concepts else None
-    return CECPipeline.load(args.pipeline, concept_set=concept_set, device=device, dtype=dtype, **overrides)
+    return CECPipeline.load(args.pipeline, concept_set=concept_set, device=device, dtype=dtype,
+                            attention=args.attention, compile=args.compile, **overrides)
 
 
 def probability(s: str) -> float:
@@ -283,6 +284,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="code-stage prompt: Fig. 4 verbatim or compact (default: the one the label adapter was "
                         "trained with)")
     add_runtime_args(p)
+    add_scoring_args(p)
 
 
 def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
