@@ -71,12 +71,21 @@ def token_ranges(tokenizer, prefix_text: str, note_at: int, spans: list[tuple[in
     return out
 
 
+def read(piece: str) -> bool:
+    """Whether a span has anything left to read (a word or a number, not only blanks and punctuation)."""
+    return any(ch.isalnum() for ch in piece)
+
+
 def fitted_spans(text: str, fitted: str, spans: list[tuple[int, int]]) -> list[tuple[int, int] | None]:
-    """The spans of `text` where they are in `fitted` (the note cut to the token budget), None where cut."""
+    """The spans of `text` where they are in `fitted` (the note cut to the token budget), None where cut or
+    with nothing left to read (blanked by negation handling)."""
     if fitted == text:
-        return list(spans)
+        return [span if read(text[span[0]:span[1]]) else None for span in spans]
     out, at = [], 0
     for a, b in spans:
+        if not read(text[a:b]):  # wholly blanked (cec.coding.negation): nothing of it is read
+            out.append(None)
+            continue
         i = fitted.find(text[a:b], at)
         out.append(None if i < 0 else (i, i + b - a))
         at = i + b - a if i >= 0 else at
@@ -88,7 +97,8 @@ def _prefix(pipe, stage: str, text: str, spans):
     fitted = pipe.fit_note(text)
     prefix_text = pipe.stages[stage].prefix(fitted)
     note_at = pipe.stages[stage].prefix("\0").index("\0")
-    ranges = token_ranges(pipe.tokenizer, prefix_text, note_at, fitted_spans(text, fitted, spans))
+    # the spans' offsets hold in the readable note (negation blanks keep offsets), which the fitted note is cut from
+    ranges = token_ranges(pipe.tokenizer, prefix_text, note_at, fitted_spans(pipe.readable(text), fitted, spans))
     return prefix_ids(pipe.tokenizer, prefix_text), ranges
 
 

@@ -5,7 +5,8 @@
      "seconds"}, "truncation"?: {"note_tokens", "kept_tokens", "kept_percent"}}
 
 "role" is "own" for a concept of the code's own set and "outside" for a predicted-negative concept from outside
-it; "truncation" is there only when the note was cut to the token budget. Codes are sorted by probability.
+it; "truncation" is there only when the note was cut to the token budget; "not_read": [{"start", "end", "text",
+"kind"}] only when negation handling blanked clauses (kind: negated, past, family). Codes are sorted by probability.
 """
 TIMING_KEYS = ("prefix_tokens", "questions", "seconds")
 DIGITS = 6  # of probabilities
@@ -66,6 +67,9 @@ def note_json(result, text: str, pipeline, *, note: bool = True, descriptions: b
            "codes": codes, "timing": {k: timing_json(result.timing)[k] for k in TIMING_KEYS}}
     if result.truncation:
         doc["truncation"] = result.truncation
+    if result.not_read:  # what negation handling kept from the model (cec.coding.negation)
+        doc["not_read"] = [{"start": b.start, "end": b.end, "text": text[b.start:b.end], "kind": b.kind}
+                           for b in result.not_read]
     if not note:
         del doc["note"]
     return doc

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from cec.coding import stages
+from cec.coding import negation, stages
 from cec.coding.bottleneck import Bottleneck
 from cec.coding.calibration import Platt
 from cec.coding.concepts import load_concept_set
@@ -70,6 +70,7 @@ class PipelineConfig:
     label_stage: str = "llm"  # stage 2: "llm" (the label adapter, paper Sec. 3.4) or "linear" (cec.coding.bottleneck)
     bottleneck: str | None = None  # the linear stage's weights (JSON), relative to the pipeline folder
     calibration: dict | None = None  # Platt scaling of code probabilities (cec.coding.calibration), fitted on dev
+    negation: str = "off"  # "on": clauses stated as absent, past or of a relative are blanked (cec.coding.negation)
     dev_metrics: dict = field(default_factory=dict)
 
     @classmethod
@@ -87,6 +88,8 @@ class PipelineConfig:
         if config.label_stage not in LABEL_STAGES:
             raise DataError(f"{path}: label_stage {config.label_stage!r} is not one of {', '.join(LABEL_STAGES)}")
         Platt.from_json(config.calibration)  # a malformed calibration is refused here, not mid-run
+        if config.negation not in negation.MODES:
+            raise DataError(f"{path}: negation {config.negation!r} is not one of {', '.join(negation.MODES)}")
         if config.label_layout not in (None, *stages.LABEL_LAYOUTS):
             raise DataError(f"{path}: label_layout {config.label_layout!r} is not one of "
                             f"{', '.join(stages.LABEL_LAYOUTS)}")
@@ -156,6 +159,8 @@ def resolve_config(folder: str | Path | None, *, quiet: bool = False, **override
         raise DataError(f"label stage {config.label_stage!r} is not one of {', '.join(LABEL_STAGES)}")
     if config.label_stage == "linear" and not config.bottleneck:
         raise DataError(f"{folder}: label_stage 'linear' but no bottleneck file in {PIPELINE_FILE}")
+    if config.negation not in negation.MODES:
+        raise ConfigError(f"negation {config.negation!r} is not one of {', '.join(negation.MODES)}")
     if config.m < 0 or config.sampling not in SAMPLING:
         raise ConfigError(f"pipeline config: m={config.m}, sampling={config.sampling!r} (m >= 0; top or random)")
     if config.label_layout is None:
@@ -237,6 +242,7 @@ class NoteResult:
     shown: list[list[int]] | None  # per code, the concepts the label LLM was shown; None for a linear stage 2
     timing: dict  # prefix_tokens, questions, seconds, concept_seconds, label_seconds
     truncation: dict | None = None  # {"note_tokens", "kept_tokens", "kept_percent"} when the note was cut to fit
+    not_read: list | None = None  # negation.Blanked spans the model was not given (negation "on")
 
 
 class CECPipeline:
@@ -315,9 +321,20 @@ class CECPipeline:
     def fit_note(self, text: str) -> str:
         return self.fit_note_info(text)[0]
 
+    def not_read(self, text: str) -> list[negation.Blanked]:
+        """The spans of the note the model is not given (negation "on"; cec.coding.negation), in note order."""
+        return negation.blanked_spans(text) if self.config.negation == "on" else []
+
+    def readable(self, text: str) -> str:
+        """The note as the model reads it: not_read blanked with spaces, every character offset kept."""
+        spans = self.not_read(text)
+        return negation.blank(text, spans) if spans else text
+
     def fit_note_info(self, text: str) -> tuple[str, dict | None]:
         """(the note fitted to max_note_tokens, None when it fits whole, else {"note_tokens", "kept_tokens",
-        "kept_percent"}). Longer notes keep their most relevant sections (cec.coding.segment), with a warning."""
+        "kept_percent"}). Longer notes keep their most relevant sections (cec.coding.segment), with a warning.
+        The fitted note is `readable` (negation blanked where it is on)."""
+        text = self.readable(text)
         budget = self.config.max_note_tokens
         count = lambda s: len(self.tokenizer.encode(s, add_bos=False))  # noqa: E731
         if len(text) < budget:  # a token is at least one character: short notes fit
@@ -383,6 +400,7 @@ class CECPipeline:
             raise DataError("the note is empty")
         cfg, cs = self.config, self.cs
         t0 = time.perf_counter()
+        raw = text
         text, truncation = self.fit_note_info(text)
         concept_p = self.concept_probs(text)
         t1 = time.perf_counter()
@@ -399,4 +417,4 @@ class CECPipeline:
         timing = {"prefix_tokens": self.concept_prefix_tokens, "questions": questions, "seconds": t2 - t0,
                   "concept_seconds": t1 - t0, "label_seconds": t2 - t1}
         predicted = [p >= cfg.threshold for p in code_p.tolist()]
-        return NoteResult(note_id, code_p, predicted, concept_p, shown, timing, truncation)
+        return NoteResult(note_id, code_p, predicted, concept_p, shown, timing, truncation, self.not_read(raw))

@@ -242,7 +242,7 @@ def load_pipeline(args):
     overrides = dict(base_model=args.model, threshold=args.threshold, concept_threshold=args.concept_threshold,
                      k=args.k, sampling=args.sampling, concept_adapter=adapter(args.concept_adapter),
                      label_adapter=adapter(args.label_adapter), label_layout=args.label_layout,
-                     label_stage=args.label_stage)
+                     label_stage=args.label_stage, negation=args.negation)
     concept_set = load_concept_set(args.concepts) if args.concepts else None
     return CECPipeline.load(args.pipeline, concept_set=concept_set, device=device, dtype=dtype,
                             attention=args.attention, compile=args.compile, **overrides)
@@ -283,6 +283,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-layout", choices=stages.LABEL_LAYOUTS,
                    help="code-stage prompt: Fig. 4 verbatim or compact (default: the one the label adapter was "
                         "trained with)")
+    p.add_argument("--negation", choices=("on", "off"),
+                   help="blank clauses that state a finding as absent, past or of a relative before coding (the "
+                        "JSON's not_read lists them; default: the pipeline's)")
     add_runtime_args(p)
     add_scoring_args(p)
 

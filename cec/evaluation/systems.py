@@ -156,6 +156,8 @@ def fingerprints(setup: EvalSetup, systems: list[System], device, dtype) -> dict
     cfg, cs = setup.config, setup.concept_set
     base = {"base_model": str(cfg.base_model), "dtype": str(dtype or default_dtype(device)),
             "device": torch.device(device).type, "max_note_tokens": cfg.max_note_tokens}
+    if cfg.negation != "off":  # the notes are read blanked (older caches, negation off, keep their keys)
+        base["negation"] = cfg.negation
     descriptions = [(c, cs.descriptions[c]) for c in cs.codes]
     label_stage = stages.get("label", cfg.label_layout or "paper")
     concept = {**base, "adapter": setup.adapter_hashes["concept"], "concepts": [c.text for c in cs.concepts],

@@ -1,0 +1,115 @@
+"""Negation, history and family-member clauses kept from the model (cec.coding.negation) and how the pipeline,
+its JSON and the evaluation's cache keys carry them."""
+import json
+
+import pytest
+import torch
+
+from cec.coding.negation import blank, blanked_spans
+from cec.errors import ConfigError, DataError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def read(text):
+    spans = blanked_spans(text)
+    return blank(text, spans), [s.kind for s in spans]
+
+
+@pytest.mark.parametrize("text, kept, gone, kinds", [
+    ("Admitted with cough and no chest pain or dyspnea, but with abdominal pain.",
+     ["cough", "but with abdominal pain"], ["chest pain", "dyspnea"], ["negated"]),
+    ("Tuberculosis was ruled out. Sputum culture grew Klebsiella.", ["Sputum culture grew Klebsiella"],
+     ["Tuberculosis"], ["negated"]),
+    ("Hepatitis B serology was negative; CMV IgM positive.", ["CMV IgM positive"], ["Hepatitis"], ["negated"]),
+    ("His father died of a myocardial infarction. He reports palpitations.", ["He reports palpitations"],
+     ["myocardial"], ["family"]),
+    ("He is an ex-smoker with chronic bronchitis.", ["with chronic bronchitis"], ["smoker"], ["past"]),
+    ("A 60-year-old woman without relevant medical history consulted for hematuria.",
+     ["consulted for hematuria"], ["relevant"], ["negated"]),
+    ("There was no change in the size of the liver mass.", ["no change in the size of the liver mass"], [], []),
+    ("Known history of hypertension and type 2 diabetes.", ["hypertension", "type 2 diabetes"], [], []),
+])
+def test_clauses_a_coder_would_not_code_are_blanked(text, kept, gone, kinds):
+    got, found = read(text)
+    assert len(got) == len(text) and found == kinds
+    assert all(k in got for k in kept) and not any(g in got for g in gone)
+    for a, b in zip(got, text):  # blanking keeps every other character where it was
+        assert a == b or a == " "
+
+
+def test_a_scope_ends_at_the_clause_and_the_window():
+    got, _ = read("No fever; productive cough.\nDenies chest pain.\nAbdominal pain.")
+    assert "productive cough" in got and "Abdominal pain" in got and "chest" not in got and "fever" not in got
+    long = "No " + " ".join(f"w{i}" for i in range(12)) + "."
+    got, _ = read(long)
+    assert "w5" not in got and "w6" in got  # six words at most (NegEx's window is five)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from tiny_train import save_tiny_model, tiny_concept_set
+
+    d = tmp_path_factory.mktemp("neg")
+    save_tiny_model(d / "model", vocab_size=600)
+    tiny_concept_set().save(d / "concepts.json")
+    (d / "cec_pipeline.json").write_text(json.dumps(
+        {"base_model": str(d / "model"), "concept_set": str(d / "concepts.json"), "threshold": 0.0,
+         "negation": "on"}))
+    return d
+
+
+NOTE = "Patient has chills.\nNo fever and no high blood pressure.\nHis mother had kidney injury."
+
+
+def test_pipeline_reads_the_blanked_note_and_says_what_it_left_out(folder):
+    from cec.coding.output import note_json
+    from cec.coding.pipeline import CECPipeline
+
+    on = CECPipeline.load(folder)
+    off = CECPipeline.load(folder, negation="off")
+    result = on.code_note(NOTE)
+    blanked = on.readable(NOTE)
+    assert len(blanked) == len(NOTE) and "fever" not in blanked and "kidney" not in blanked and "chills" in blanked
+    assert torch.allclose(result.concept_probs, off.code_note(blanked).concept_probs, atol=1e-6)
+    assert not torch.allclose(result.concept_probs, off.code_note(NOTE).concept_probs, atol=1e-4)
+    doc = note_json(result, NOTE, on)
+    assert doc["note"] == NOTE  # the note as given, never the blanked one
+    assert [(d["kind"], d["text"]) for d in doc["not_read"]] == [
+        ("negated", "No fever and no high blood pressure"), ("family", "His mother had kidney injury")]
+    assert all(NOTE[d["start"]:d["end"]] == d["text"] for d in doc["not_read"])
+    assert "not_read" not in note_json(off.code_note(NOTE), NOTE, off)
+
+
+def test_evidence_spans_point_into_the_note_as_given(folder):
+    from cec.coding.attribution import add_evidence
+    from cec.coding.output import note_json
+    from cec.coding.pipeline import CECPipeline
+
+    pipe = CECPipeline.load(folder)
+    result = pipe.code_note(NOTE)
+    doc = add_evidence(note_json(result, NOTE, pipe), pipe, NOTE, result)
+    spans = [s for c in doc["codes"] for s in c.get("spans", [])]
+    assert all(NOTE[s["start"]:s["end"]] == s["text"] for s in spans)
+    assert not any("mother" in s["text"] for s in spans)  # wholly blanked: nothing of it is read
+
+
+def test_a_bad_negation_value_is_refused(folder, tmp_path):
+    from cec.coding.pipeline import resolve_config
+
+    with pytest.raises(ConfigError, match="negation"):
+        resolve_config(folder, negation="maybe")
+    (tmp_path / "cec_pipeline.json").write_text(json.dumps({"negation": "yes"}))
+    with pytest.raises(DataError, match="negation"):
+        resolve_config(tmp_path)
+
+
+def test_cache_keys_change_with_negation_only_when_it_is_on(folder):
+    from cec.evaluation.systems import CONCEPTS, System, fingerprints, resolve_setup
+
+    systems = [System("direct", "direct")]
+    on = fingerprints(resolve_setup(folder), systems, "cpu", None)
+    setup = resolve_setup(folder)
+    setup.config.negation = "off"
+    off = fingerprints(setup, systems, "cpu", None)
+    assert on[CONCEPTS] != off[CONCEPTS] and on["direct"] != off["direct"]
