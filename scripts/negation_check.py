@@ -111,19 +111,23 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pipeline", help="pipeline folder (default: the shipped one)")
     ap.add_argument("--label-stage", choices=("llm", "linear"), help="override the pipeline's stage 2")
+    ap.add_argument("--negation", choices=("on", "off"), help="override the pipeline's negation handling")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    pipe = CECPipeline.load(args.pipeline, label_stage=args.label_stage)
+    pipe = CECPipeline.load(args.pipeline, label_stage=args.label_stage, negation=args.negation)
     t0 = time.perf_counter()
     rows = []
     for code, kind, absent, present in CASES:
         pa, pp = code_probability(pipe, absent, code), code_probability(pipe, present, code)
-        rows.append({"code": code, "kind": kind, "absent_probability": round(pa, 4),
+        rows.append({"code": code, "kind": kind, "not_read": [absent[b.start:b.end] for b in pipe.not_read(absent)],
+                     "control_not_read": [present[b.start:b.end] for b in pipe.not_read(present)],
+                     "absent_probability": round(pa, 4),
                      "present_probability": round(pp, 4), "absent_coded": pa >= pipe.config.threshold,
                      "present_coded": pp >= pipe.config.threshold})
     n = len(rows)
     out = {"cases": n, "threshold": pipe.config.threshold, "label_stage": pipe.config.label_stage,
+           "negation": pipe.config.negation,
            "absent_coded": sum(r["absent_coded"] for r in rows), "present_coded": sum(r["present_coded"] for r in rows),
            "absent_coded_share": round(sum(r["absent_coded"] for r in rows) / n, 3),
            "absent_lower_than_present": sum(r["absent_probability"] < r["present_probability"] for r in rows),

@@ -22,6 +22,7 @@ def read(text):
     ("Tuberculosis was ruled out. Sputum culture grew Klebsiella.", ["Sputum culture grew Klebsiella"],
      ["Tuberculosis"], ["negated"]),
     ("Hepatitis B serology was negative; CMV IgM positive.", ["CMV IgM positive"], ["Hepatitis"], ["negated"]),
+    ("The stool culture was negative for Salmonella; ova seen.", ["ova seen"], ["Salmonella", "stool"], ["negated"]),
     ("His father died of a myocardial infarction. He reports palpitations.", ["He reports palpitations"],
      ["myocardial"], ["family"]),
     ("He is an ex-smoker with chronic bronchitis.", ["with chronic bronchitis"], ["smoker"], ["past"]),

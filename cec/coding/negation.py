@@ -107,6 +107,8 @@ def blanked_spans(text: str) -> list[Blanked]:
                 i += 1
                 continue
             kind, n, direction = found
+            if direction == -1 and _match(words, i + n - 1, NEGATED_FORWARD):  # "was negative for X": both ways
+                direction = 0
             first, last = i, i + n - 1
             if direction is not None and direction >= 0:
                 last = _clause(words, last, 1)
