@@ -114,3 +114,15 @@ def test_cache_keys_change_with_negation_only_when_it_is_on(folder):
     setup.config.negation = "off"
     off = fingerprints(setup, systems, "cpu", None)
     assert on[CONCEPTS] != off[CONCEPTS] and on["direct"] != off["direct"]
+
+
+def test_report_lists_what_the_model_did_not_read(folder):
+    from cec.coding.output import note_json
+    from cec.coding.pipeline import CECPipeline
+    from cec.coding.report import render_report
+
+    pipe = CECPipeline.load(folder)
+    page = render_report(note_json(pipe.code_note(NOTE), NOTE, pipe))
+    assert "Not read by the model" in page and "His mother had kidney injury" in page
+    off = CECPipeline.load(folder, negation="off")
+    assert "Not read by the model" not in render_report(note_json(off.code_note(NOTE), NOTE, off))

@@ -226,6 +226,12 @@ def render_report(doc: dict, *, concept_threshold: float = 0.5, note_id: str | N
                          'not model evidence.</p>')
     if not legend:
         legend.append(f'<p class="none">No code reached the threshold {doc["threshold"]:g}.</p>')
+    if doc.get("not_read"):  # negation handling (cec.coding.negation): what the model was not given
+        quoted = "".join(f'<li>{e(b["kind"])}: <span class="q">&ldquo;{e(b["text"])}&rdquo;</span></li>'
+                         for b in doc["not_read"])
+        legend.append(f'<div class="code"><div class="head"><span class="name">Not read by the model</span></div>'
+                      f'<ul>{quoted}</ul><p class="lexical">Stated as absent, past or about another person '
+                      'by rule (NegEx/ConText triggers); check them: a rule can miss or over-reach.</p></div>')
 
     rows = "".join(f'<tr class="{"pred" if c["predicted"] else ""}"><td>{e(c["code"])}</td>'
                    f'<td>{e(c["description"])}</td><td class="num">{c["probability"]:.3f}</td>'
