@@ -48,8 +48,17 @@ def test_plan_masks_have_one_shape(gemma2):
     gemma2(torch.randint(0, 300, (1, 20)), cache=cache)
     prefix = cache.as_prefix()
     plan = gemma2.plan(ids, prefix=prefix, prefix_visible=visible(20, [(2, 5), None]), last=torch.tensor([11, 4]))
-    assert plan.queries.masks[None].attn.shape == (1, 1, 12, 12) and plan.queries.masks[8].prefix.shape == (24, 20)
+    # the window-8 layers read prefix slots 13.. only (the earliest query, at 20, reaches back to 13)
+    assert plan.queries.masks[None].attn.shape == (1, 1, 12, 12) and plan.queries.masks[8].prefix.shape == (24, 7)
+    assert plan.queries.masks[8].prefix_start == 13 and plan.queries.masks[None].prefix_start == 0
     assert plan.final.masks[None].prefix.shape == (2, 20) and plan.final.masks[8].attn.shape == (2, 1, 1, 12)
+    assert plan.final.masks[8].prefix.shape == (2, 7) and plan.final.masks[8].prefix_start == 13
+    untrimmed = gemma2.plan(ids, prefix=prefix, last=torch.tensor([11, 4]), trim=False)
+    assert untrimmed.queries.masks[8].prefix.shape == (24, 20) and untrimmed.queries.masks[8].prefix_start == 0
+    with torch.no_grad():  # the same scores either way
+        assert torch.allclose(gemma2(ids, plan=plan), gemma2(ids, plan=gemma2.plan(
+            ids, prefix=prefix, prefix_visible=visible(20, [(2, 5), None]), last=torch.tensor([11, 4]), trim=False)),
+            atol=1e-5)
     assert plan.positions.tolist() == list(range(20, 32)) and plan.prefix is prefix and plan.cache is None
 
 

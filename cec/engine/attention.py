@@ -20,11 +20,13 @@ FLEX_BLOCK = 128  # FlexAttention's block of queries and of keys: the unit in wh
 class LayerMasks:
     """What the queries of one layer kind (one sliding window) may see; built once per forward (model.ForwardPlan).
     attn [B or 1, 1, Tq, S]: their own attention (this call's keys, or all cached ones); None = causal over this
-    call's own tokens, which SDPA does by index. prefix [B*Tq, P]: the shared prefix keys each query sees in
-    cascade attention; None = all of them. block: in place of both, the block mask of flex_attend."""
+    call's own tokens, which SDPA does by index. prefix [B*Tq, P - prefix_start]: the shared prefix keys each query
+    sees in cascade attention, from slot prefix_start on; None = all of them. block: in place of both, the block
+    mask of flex_attend."""
     attn: torch.Tensor | None
     prefix: torch.Tensor | None = None
     block: BlockMask | None = None
+    prefix_start: int = 0  # the first prefix slot any query's window reaches: the slots before it are not read
 
 
 def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -109,6 +111,8 @@ def cascade_attend(q, k, v, prefix_k, prefix_v, scale: float, masks: LayerMasks,
     default."""
     b, h, t, d = q.shape
     qf = q.transpose(0, 1).reshape(1, h, b * t, d)
+    if masks.prefix_start:  # a sliding window that no longer reaches the start of the prefix: read the rest only
+        prefix_k, prefix_v = prefix_k[:, :, masks.prefix_start:], prefix_v[:, :, masks.prefix_start:]
     o_p, lse_p = attend_with_lse(qf, prefix_k, prefix_v, scale, masks.prefix, softcap)
     o_p = o_p.view(h, b, t, d).transpose(0, 1)
     lse_p = lse_p.view(h, b, t).transpose(0, 1)

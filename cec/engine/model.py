@@ -95,7 +95,7 @@ class Queries:
             else:
                 attn = m.attn.expand(b, 1, t, m.attn.shape[-1])[sel, :, rows].unsqueeze(2)
             prefix = None if m.prefix is None else m.prefix.view(b, t, -1)[sel, rows]
-            masks[w] = LayerMasks(attn, prefix)
+            masks[w] = LayerMasks(attn, prefix, prefix_start=m.prefix_start)
         return Queries(rows, rope, masks)
 
 
@@ -245,11 +245,13 @@ class Transformer(nn.Module):
 
     def plan(self, input_ids, positions=None, mask=None, cache: KVCache | None = None,
              prefix: PrefixView | None = None, prefix_visible: torch.Tensor | None = None,
-             last: torch.Tensor | None = None, attention: str = "cascade") -> ForwardPlan:
+             last: torch.Tensor | None = None, attention: str = "cascade", trim: bool = True) -> ForwardPlan:
         """The plan of one forward over input_ids [B, T] (arguments as in forward); with a cache it reserves room
         for the new tokens. prefix: score B questions against this shared prefix; prefix_visible [B, P] bool
         (True = visible): the prefix keys each question may see; attention: how the questions attend to it,
-        "cascade" (two partials merged) or "flex" (one FlexAttention call per layer)."""
+        "cascade" (two partials merged) or "flex" (one FlexAttention call per layer). trim (cascade): a sliding
+        window's layers read only the prefix slots its window reaches (shapes then vary with the note: off for
+        fixed-shape compiled runs)."""
         b, t = input_ids.shape
         if positions is None:
             start = cache.length if cache is not None else (prefix.length if prefix is not None else 0)
@@ -271,15 +273,18 @@ class Transformer(nn.Module):
                 if mask is not None:
                     attn = attn & mask
                 attn = attn.view(-1, 1, *attn.shape[-2:])
-            pmask = None
+            pmask, start = None, 0
+            if prefix is not None and trim and w is not None and not prefix.padded:
+                # slots hold ascending positions: those before the earliest query's window are read by no query
+                start = min(int(torch.searchsorted(prefix.positions, int(positions.min()) - w + 1)), prefix.length - 1)
             # padding slots of a padded prefix are hidden by position, as is what the window no longer reaches
             if prefix is not None and (prefix.padded or (w is not None and
-                                       int(positions.max()) - int(prefix.positions.min()) >= w)):
-                pmask = position_mask(positions.expand(b, t).reshape(-1), prefix.positions, w)
+                                       int(positions.max()) - int(prefix.positions[start:].min()) >= w)):
+                pmask = position_mask(positions.expand(b, t).reshape(-1), prefix.positions[start:], w)
             if prefix_visible is not None:  # [B, P] per question -> [B*T, P] per question token
-                hide = prefix_visible.repeat_interleave(t, 0)
+                hide = prefix_visible[:, start:].repeat_interleave(t, 0)
                 pmask = hide if pmask is None else pmask & hide
-            masks[w] = LayerMasks(attn, pmask)
+            masks[w] = LayerMasks(attn, pmask, prefix_start=start)
         queries = Queries(None, rope, masks)
         final = queries if last is None else queries.keep(last)
         return ForwardPlan(positions, k_pos, rope, queries, final, cache, prefix)

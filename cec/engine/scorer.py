@@ -216,7 +216,8 @@ class PrefixScorer:
             shape = (id(self.model), self.attention, self.compile, rows, width, prefix.positions.shape[0],
                      seen is not None and self.attention == "cascade")
             t = time.perf_counter()
-            plan = self.model.plan(ids, prefix=prefix, prefix_visible=seen, last=last, attention=self.attention)
+            plan = self.model.plan(ids, prefix=prefix, prefix_visible=seen, last=last, attention=self.attention,
+                                   trim=not self.fixed_shapes)
             h_last = forward(ids, plan=plan, final_norm=False)[: len(idx), 0]
             out[torch.tensor(idx, device=dev)] = self.head.scores(h_last)
             if self.fixed_shapes and shape not in _RUN_SHAPES:
