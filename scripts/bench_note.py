@@ -302,6 +302,8 @@ def main(argv=None) -> dict:
                 best = None
                 for _ in range(args.repeats):  # the fastest of the codings, with its own breakdown
                     pipe.label_scorer.stats = type(pipe.label_scorer.stats)()  # a linear stage asks no code questions
+                    for scorer in (pipe.concept_scorer, pipe.label_scorer):  # every coding prefills, as a new note does
+                        scorer.forget()
                     bd.reset()
                     with ForwardLog(heads) as log:
                         r = pipe.code_note(note["text"], note.get("id"))

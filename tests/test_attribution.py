@@ -86,6 +86,9 @@ def test_keep_last_reuses_the_prefilled_cache_only_for_the_same_ids(ours, monkey
         assert (first - again).abs().max().item() < TOL
         scorer.score(prefix[:-1], questions)  # other ids: prefilled anew
         assert calls == ([22, 21] if keep else [22, 22, 21])
+        scorer.forget()
+        scorer.score(prefix[:-1], questions)
+        assert len(calls) == (3 if keep else 4)
 
 
 def test_sentences_are_lines_and_long_lines_are_cut():

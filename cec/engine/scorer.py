@@ -151,6 +151,10 @@ class PrefixScorer:
         self.model.prefill(prefix_ids, chunk=self.chunk, cache=cache)
         return cache
 
+    def forget(self) -> None:
+        """Drop the kept cache (keep_last): the next call prefills, e.g. to time a coding from scratch."""
+        self._last = None
+
     def prefilled(self, prefix_ids: list[int]) -> KVCache:
         """The cache of prefix_ids: the kept one when it holds exactly these ids (keep_last), else prefilled."""
         key = tuple(prefix_ids)
