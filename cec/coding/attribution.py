@@ -13,8 +13,8 @@ A code's sentence score is sum_i w_i * drop_i over its concepts (evidence_weight
 own stage-2 question while stage 2 is the label LLM. For a linear concept bottleneck (code logit =
 b + sum_i w_i * logit(p_i)) the concept part is the drop of the code's logit carried by the concepts asked.
 Which concepts are asked: the PER_CODE of each code whose term has the most room to fall, w_i * (x_i + CLIP)
-with w_i > 0 (a Yes concept at x = +6 can fall by 14, a No at -6 by 2); per_code=None asks all of them (exact,
-about three times the coding time on a CodiEsp note).
+with w_i > 0 (a Yes concept at x = +6 can fall by 14, a No at -6 by 2); per_code=None asks all of them (exact;
+on CodiEsp dev note 0, 784 questions instead of 210).
 
     result = pipe.code_note(text, note_id)
     doc = note_json(result, text, pipe)      # cec.coding.output
@@ -31,7 +31,6 @@ from cec.coding.bottleneck import CLIP, concept_logits
 from cec.coding.output import code_list
 from cec.coding.report import sentence_spans
 from cec.coding.stages import prefix_ids
-from cec.engine.scorer import common_prefix_len
 
 LONG_LINE = 300  # characters: a longer line is cut into sentences, a shorter one is one sentence
 TOP = 3  # spans kept per code
@@ -121,15 +120,10 @@ def drops(scorer, prefix_ids: list[int], header: int, questions: list[list[int]]
     return out
 
 
-def header_len(scorer, questions: list[list[int]]) -> int:
-    """The question tokens coding moved into the prefix: the common start of all of a stage's questions."""
-    return common_prefix_len(questions) if scorer.share_question_prefix else 0
-
-
 def concept_drops(pipe, text: str, concept_ids: list[int], spans) -> torch.Tensor:
     """[len(concept_ids), len(spans)] drops of the concept questions (stage 1) for each hidden sentence."""
     prefix, ranges = _prefix(pipe, "concept", text, spans)
-    header = header_len(pipe.concept_scorer, pipe.concept_questions)
+    header = pipe.concept_scorer.shared_len(pipe.concept_questions)  # what coding moved into the prefix
     return drops(pipe.concept_scorer, prefix, header, [pipe.concept_questions[i] for i in concept_ids], ranges)
 
 
@@ -137,7 +131,7 @@ def code_question_drops(pipe, text: str, result, code_indices: list[int], spans)
     """[len(code_indices), len(spans)] drops of the codes' stage-2 questions (label prefix) per hidden sentence."""
     prefix, ranges = _prefix(pipe, "label", text, spans)
     questions = pipe.label_question_ids(result.concept_probs, result.shown)
-    return drops(pipe.label_scorer, prefix, header_len(pipe.label_scorer, questions),
+    return drops(pipe.label_scorer, prefix, pipe.label_scorer.shared_len(questions),
                  [questions[j] for j in code_indices], ranges)
 
 

@@ -325,16 +325,17 @@ class CECPipeline:
         """The spans of the note the model is not given (negation "on"; cec.coding.negation), in note order."""
         return negation.blanked_spans(text) if self.config.negation == "on" else []
 
-    def readable(self, text: str) -> str:
-        """The note as the model reads it: not_read blanked with spaces, every character offset kept."""
-        spans = self.not_read(text)
+    def readable(self, text: str, not_read: list[negation.Blanked] | None = None) -> str:
+        """The note as the model reads it: not_read (default: self.not_read(text)) blanked with spaces, every
+        character offset kept."""
+        spans = self.not_read(text) if not_read is None else not_read
         return negation.blank(text, spans) if spans else text
 
-    def fit_note_info(self, text: str) -> tuple[str, dict | None]:
+    def fit_note_info(self, text: str, not_read: list[negation.Blanked] | None = None) -> tuple[str, dict | None]:
         """(the note fitted to max_note_tokens, None when it fits whole, else {"note_tokens", "kept_tokens",
         "kept_percent"}). Longer notes keep their most relevant sections (cec.coding.segment), with a warning.
-        The fitted note is `readable` (negation blanked where it is on)."""
-        text = self.readable(text)
+        The fitted note is `readable` (negation blanked where it is on; not_read: its spans, when known)."""
+        text = self.readable(text, not_read)
         budget = self.config.max_note_tokens
         count = lambda s: len(self.tokenizer.encode(s, add_bos=False))  # noqa: E731
         if len(text) < budget:  # a token is at least one character: short notes fit
@@ -400,8 +401,8 @@ class CECPipeline:
             raise DataError("the note is empty")
         cfg, cs = self.config, self.cs
         t0 = time.perf_counter()
-        raw = text
-        text, truncation = self.fit_note_info(text)
+        not_read = self.not_read(text)
+        text, truncation = self.fit_note_info(text, not_read)
         concept_p = self.concept_probs(text)
         t1 = time.perf_counter()
         if self.bottleneck is not None:
@@ -417,4 +418,4 @@ class CECPipeline:
         timing = {"prefix_tokens": self.concept_prefix_tokens, "questions": questions, "seconds": t2 - t0,
                   "concept_seconds": t1 - t0, "label_seconds": t2 - t1}
         predicted = [p >= cfg.threshold for p in code_p.tolist()]
-        return NoteResult(note_id, code_p, predicted, concept_p, shown, timing, truncation, self.not_read(raw))
+        return NoteResult(note_id, code_p, predicted, concept_p, shown, timing, truncation, not_read)

@@ -151,6 +151,10 @@ class PrefixScorer:
         self.model.prefill(prefix_ids, chunk=self.chunk, cache=cache)
         return cache
 
+    def shared_len(self, questions: list[list[int]]) -> int:
+        """How many leading tokens, common to all the questions, an unhidden score call moves into the prefix."""
+        return common_prefix_len(questions) if self.share_question_prefix else 0
+
     def forget(self) -> None:
         """Drop the kept cache (keep_last): the next call prefills, e.g. to time a coding from scratch."""
         self._last = None
@@ -175,7 +179,7 @@ class PrefixScorer:
             hide = None
         t0 = time.perf_counter()
         # shared question tokens would go into the cache having read the hidden keys: none shared with hide
-        shared = common_prefix_len(questions) if self.share_question_prefix and hide is None else 0
+        shared = self.shared_len(questions) if hide is None else 0
         cache = self.prefilled(list(prefix_ids) + list(questions[0][:shared]))
         t1 = time.perf_counter()
         scores = self.score_cached(cache, [q[shared:] for q in questions], hide)
