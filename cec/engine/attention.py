@@ -8,6 +8,7 @@ Masks are boolean, True where a query may see a key. Positions are absolute toke
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,12 @@ class LayerMasks:
     prefix: torch.Tensor | None = None
     block: BlockMask | None = None
     prefix_start: int = 0  # the first prefix slot any query's window reaches: the slots before it are not read
+
+    @cached_property
+    def prefix_bias(self) -> torch.Tensor:
+        """prefix as an additive mask, made once per forward for every layer of this window (the CPU kernel takes
+        no bool mask; building it per layer was a third of the masked prefix partial's time)."""
+        return additive_mask(self.prefix)
 
 
 def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -55,31 +62,49 @@ def _causal(q, k):
     return torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
 
 
-def attend_with_lse(q, k, v, scale: float, mask: torch.Tensor | None, softcap: float | None = None):
+def additive_mask(mask: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """A bool mask (True = visible) as the additive one (0 / -inf) the CPU flash kernel takes."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def _cpu_flash(q, softcap) -> bool:
+    return softcap is None and q.device.type == "cpu"
+
+
+def attend_with_lse(q, k, v, scale: float, mask: torch.Tensor | None, softcap: float | None = None,
+                    bias: torch.Tensor | None = None):
     """Attention that also returns the log-sum-exp of each query's scores: (out [B,H,T,D], lse [B,H,T] fp32).
 
-    GQA is handled by folding the heads that share a KV head into the query rows, so K/V are never expanded.
+    GQA: K/V are never copied per query head. On CPU the heads that share a KV head read it through a stride-0
+    view and the mask [B or 1, 1, T, S] broadcasts over them; elsewhere those heads are folded into the query rows.
+    bias: the mask already made additive (additive_mask), for the CPU kernel, when the caller keeps it across layers.
     A query row with no visible key gets lse = -inf and out = 0, so it drops out of a merge.
     """
     b, h, t, d = q.shape
     hkv = k.shape[1]
     rep = h // hkv
+    m = None if mask is None else (mask if mask.dim() == 4 else mask.view(1, 1, *mask.shape))
+    if _cpu_flash(q, softcap):  # [B*Hkv, rep, T, D] against K/V [B*Hkv, 1 -> rep, S, D]
+        s_len = k.shape[2]
+        kg = k.reshape(b * hkv, 1, s_len, d).expand(-1, rep, -1, -1)
+        vg = v.reshape(b * hkv, 1, s_len, d).expand(-1, rep, -1, -1)
+        if m is not None:
+            bias = additive_mask(m, q.dtype) if bias is None else bias.to(q.dtype)
+            bias = bias if bias.dim() == 4 else bias.view(1, 1, *bias.shape)
+            if bias.shape[0] > 1 and hkv > 1:  # one mask per sequence: repeated for each of its KV heads
+                bias = bias.repeat_interleave(hkv, 0)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q.reshape(b * hkv, rep, t, d), kg, vg, 0.0, False, attn_mask=bias if m is not None else None, scale=scale)
+        out, lse = out.nan_to_num_(0.0).reshape(b, h, t, d), lse.float().reshape(b, h, t)
+        if m is not None:  # the CPU kernel reports lse 0, not -inf, for a row that sees no key
+            lse = lse.masked_fill(~m.any(-1), float("-inf"))
+        return out, lse
     qg = q.reshape(b, hkv, rep * t, d)
     mg = None
-    if mask is not None:  # [.., T, S] -> [B or 1, 1 or Hkv, rep*T, S]
-        m = mask if mask.dim() == 4 else mask.view(1, 1, *mask.shape)
+    if m is not None:  # [.., T, S] -> [B or 1, 1 or Hkv, rep*T, S]
         mg = m.repeat(1, 1, rep, 1) if rep > 1 else m
-    if softcap is None and q.device.type == "cpu":
-        bias = None
-        if mg is not None:
-            bias = torch.zeros(mg.shape, dtype=q.dtype, device=q.device).masked_fill_(~mg, float("-inf"))
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qg, k, v, 0.0, False,
-                                                                            attn_mask=bias, scale=scale)
-        out, lse = out.nan_to_num_(0.0), lse.float()
-        if mg is not None:  # the CPU kernel reports lse 0, not -inf, for a row that sees no key
-            lse = lse.masked_fill(~mg.any(-1), float("-inf"))
-    elif (softcap is None and q.is_cuda and mg is None and d <= 256
-          and q.dtype in (torch.float16, torch.bfloat16)):
+    if (softcap is None and q.is_cuda and mg is None and d <= 256
+            and q.dtype in (torch.float16, torch.bfloat16)):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qg, k, v, 0.0, False, False, scale=scale)[:2]
         lse = lse[..., : rep * t].float()
     else:
@@ -95,13 +120,11 @@ def attend_with_lse(q, k, v, scale: float, mask: torch.Tensor | None, softcap: f
 
 
 def merge_partials(o1, lse1, o2, lse2):
-    """Combine two attention partials over disjoint key sets (the Hydragen / cascade identity)."""
-    m = torch.maximum(lse1, lse2)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    w1 = torch.exp(lse1 - m).unsqueeze(-1)
-    w2 = torch.exp(lse2 - m).unsqueeze(-1)
-    out = (w1 * o1.float() + w2 * o2.float()) / (w1 + w2)
-    return out.to(o1.dtype)
+    """Combine two attention partials over disjoint key sets (the Hydragen / cascade identity): the share of the
+    first is exp(lse1) / (exp(lse1) + exp(lse2)) = sigmoid(lse1 - lse2), so the merge is one lerp, in fp32. A row
+    that sees no key in either (both lse -inf) gets the mean of the two zero outputs."""
+    share = torch.sigmoid(lse1.float() - lse2.float()).nan_to_num_(0.5).unsqueeze(-1)
+    return torch.lerp(o2.float(), o1.float(), share).to(o1.dtype)
 
 
 def cascade_attend(q, k, v, prefix_k, prefix_v, scale: float, masks: LayerMasks, softcap: float | None = None):
@@ -113,7 +136,8 @@ def cascade_attend(q, k, v, prefix_k, prefix_v, scale: float, masks: LayerMasks,
     qf = q.transpose(0, 1).reshape(1, h, b * t, d)
     if masks.prefix_start:  # a sliding window that no longer reaches the start of the prefix: read the rest only
         prefix_k, prefix_v = prefix_k[:, :, masks.prefix_start:], prefix_v[:, :, masks.prefix_start:]
-    o_p, lse_p = attend_with_lse(qf, prefix_k, prefix_v, scale, masks.prefix, softcap)
+    bias = masks.prefix_bias if masks.prefix is not None and _cpu_flash(q, softcap) else None
+    o_p, lse_p = attend_with_lse(qf, prefix_k, prefix_v, scale, masks.prefix, softcap, bias)
     o_p = o_p.view(h, b, t, d).transpose(0, 1)
     lse_p = lse_p.view(h, b, t).transpose(0, 1)
     o_s, lse_s = attend_with_lse(q, k, v, scale, masks.attn, softcap)
