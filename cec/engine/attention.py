@@ -88,13 +88,14 @@ def attend_with_lse(q, k, v, scale: float, mask: torch.Tensor | None, softcap: f
         s_len = k.shape[2]
         kg = k.reshape(b * hkv, 1, s_len, d).expand(-1, rep, -1, -1)
         vg = v.reshape(b * hkv, 1, s_len, d).expand(-1, rep, -1, -1)
-        if m is not None:
-            bias = additive_mask(m, q.dtype) if bias is None else bias.to(q.dtype)
-            bias = bias if bias.dim() == 4 else bias.view(1, 1, *bias.shape)
+        if m is None:
+            bias = None
+        else:  # the caller's additive mask has the bool mask's shape
+            bias = additive_mask(m, q.dtype) if bias is None else bias.to(q.dtype).view(m.shape)
             if bias.shape[0] > 1 and hkv > 1:  # one mask per sequence: repeated for each of its KV heads
                 bias = bias.repeat_interleave(hkv, 0)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q.reshape(b * hkv, rep, t, d), kg, vg, 0.0, False, attn_mask=bias if m is not None else None, scale=scale)
+            q.reshape(b * hkv, rep, t, d), kg, vg, 0.0, False, attn_mask=bias, scale=scale)
         out, lse = out.nan_to_num_(0.0).reshape(b, h, t, d), lse.float().reshape(b, h, t)
         if m is not None:  # the CPU kernel reports lse 0, not -inf, for a row that sees no key
             lse = lse.masked_fill(~m.any(-1), float("-inf"))
