@@ -93,12 +93,21 @@ def test_json_output_follows_the_contract(plain_doc, tiny, tmp_path, capsys):
     assert sorted(c["code"] for c in doc["codes"]) == ["A1", "B2", "C3", "D4", "E5"]
     probs = [c["probability"] for c in doc["codes"]]
     assert probs == sorted(probs, reverse=True)
-    for c in doc["codes"]:
-        assert set(c) == CODE_KEYS and 0 <= c["probability"] <= 1
+    assert any(c["predicted"] for c in doc["codes"])
+    for c in doc["codes"]:  # evidence is on by default: spans on each predicted code, a sentence per concept
+        assert set(c) == CODE_KEYS | ({"spans"} if c["predicted"] else set()) and 0 <= c["probability"] <= 1
         assert c["predicted"] == (c["probability"] >= 0.5)
-        assert c["evidence"] and all(set(e) == {"concept", "level", "probability", "role"} for e in c["evidence"])
-    assert set(doc["timing"]) == {"prefix_tokens", "questions", "seconds"}
+        ev_keys = {"concept", "level", "probability", "role"} | ({"sentence"} if c["predicted"] else set())
+        assert c["evidence"] and all(set(e) == ev_keys for e in c["evidence"])
+        for span in c.get("spans", []):
+            assert NOTE[span["start"]:span["end"]] == span["text"] and span["score"] > 0
+    assert set(doc["timing"]) == {"prefix_tokens", "questions", "seconds", "evidence_seconds"}
     assert doc["timing"]["questions"] == N_CONCEPTS + 5  # every concept once, then every code once
+
+    # --no-explain: the same codes and probabilities, without the evidence sentences
+    bare = code_json(capsys, tiny, "--note", write_note(tmp_path), "--no-explain")
+    assert [(c["code"], c["probability"]) for c in bare["codes"]] == [(c["code"], c["probability"]) for c in doc["codes"]]
+    assert all(set(c) == CODE_KEYS for c in bare["codes"]) and set(bare["timing"]) == {"prefix_tokens", "questions", "seconds"}
 
     # the options override the pipeline folder's values
     mid = probs[2]
@@ -229,6 +238,7 @@ def test_batch_writes_one_line_per_note_in_input_order(batch):
     assert list(lines[0]) == ["id", "labels", "code_system", "threshold", "codes", "timing"]
     assert lines[0]["labels"] == ["E5"] and "labels" not in lines[1]  # copied when the input has them
     assert all(len(ln["codes"]) == 5 for ln in lines)
+    assert all("evidence_seconds" in ln["timing"] for ln in lines)  # evidence is on in batch mode too
 
 
 def test_batch_resumes_after_a_crash_mid_line(batch, tiny, tmp_path, capsys, monkeypatch):

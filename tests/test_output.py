@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import torch
 
-from cec.coding.output import code_list, note_json, timing_json
+from cec.coding.output import code_list, format_table, note_json, shaped, timing_json
 from cec.coding.pipeline import NoteResult, PipelineConfig
 from tiny_train import CODES, tiny_concept_set
 
@@ -58,3 +58,22 @@ def test_note_json_options_and_truncation():
 def test_timing_json_rounds_seconds_only():
     assert timing_json({"prefix_tokens": 7, "seconds": 0.04996, "label_seconds": 2.0004}) == \
         {"prefix_tokens": 7, "seconds": 0.05, "label_seconds": 2.0}
+
+
+def test_shaped_is_a_view_of_the_full_contract_and_the_table_quotes_the_top_span():
+    full = note_json(result([0.9, 0.1, 0.2, 0.3, 0.6]), "Fever since Monday. " + "long words " * 20, pipeline())
+    top = full["codes"][0]
+    top["spans"] = [{"start": 0, "end": 19, "text": "Fever since Monday.", "score": 1.5},
+                    {"start": 20, "end": 240, "text": "long words " * 20, "score": 0.5}]
+    view = shaped(full, note=False, descriptions=False, only_predicted=True)
+    assert list(view) == ["code_system", "threshold", "codes", "timing"] and "note" in full
+    assert [c["code"] for c in view["codes"]] == [c["code"] for c in full["codes"] if c["predicted"]]
+    assert view["codes"][0]["spans"] == top["spans"] and "description" in top  # the full doc is unchanged
+    lines = format_table(full, full["timing"]).splitlines()
+    i = next(i for i, ln in enumerate(lines) if ln.startswith(f"  {top['code']} "))
+    assert lines[i + 1].strip().startswith("evidence: ")
+    assert lines[i + 2].strip() == 'in the note: "Fever since Monday."'
+    second = full["codes"][1]
+    second["spans"] = top["spans"][::-1]  # a long sentence is cut to one line
+    line = format_table(full, full["timing"]).splitlines()[i + 5].strip()
+    assert line.startswith('in the note: "long words long') and line.endswith('..."') and len(line) < 110

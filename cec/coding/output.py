@@ -56,13 +56,9 @@ def timing_json(timing: dict) -> dict:
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in timing.items()}
 
 
-def note_json(result, text: str, pipeline, *, note: bool = True, descriptions: bool = True,
-              only_predicted: bool = False) -> dict:
-    """The contract of one NoteResult. note=False leaves out the note text, descriptions=False each code's
-    description (both are known to the caller), only_predicted=True the codes under the threshold."""
-    codes = [c for c in code_list(result, pipeline) if c["predicted"] or not only_predicted]
-    if not descriptions:
-        codes = [{k: v for k, v in c.items() if k != "description"} for c in codes]
+def note_json(result, text: str, pipeline, **shape) -> dict:
+    """The contract of one NoteResult, shaped by `shaped`'s options."""
+    codes = code_list(result, pipeline)
     doc = {"note": text, "code_system": pipeline.cs.code_system, "threshold": pipeline.config.threshold,
            "codes": codes, "timing": {k: timing_json(result.timing)[k] for k in TIMING_KEYS}}
     if result.truncation:
@@ -70,9 +66,21 @@ def note_json(result, text: str, pipeline, *, note: bool = True, descriptions: b
     if result.not_read:  # what negation handling kept from the model (cec.coding.negation)
         doc["not_read"] = [{"start": b.start, "end": b.end, "text": text[b.start:b.end], "kind": b.kind}
                            for b in result.not_read]
-    if not note:
-        del doc["note"]
-    return doc
+    return shaped(doc, **shape)
+
+
+def shaped(doc: dict, *, note: bool = True, descriptions: bool = True, only_predicted: bool = False) -> dict:
+    """A view of a full contract: note=False leaves out the note text, descriptions=False each code's
+    description (both are known to the caller), only_predicted=True the codes under the threshold."""
+    codes = [c for c in doc["codes"] if c["predicted"] or not only_predicted]
+    if not descriptions:
+        codes = [{k: v for k, v in c.items() if k != "description"} for c in codes]
+    return {k: v for k, v in doc.items() if note or k != "note"} | {"codes": codes}
+
+
+def quote(text: str, width: int = 90) -> str:
+    one = " ".join(text.split())
+    return f'"{one}"' if len(one) <= width else f'"{one[:width - 3]}..."'
 
 
 def format_table(doc: dict, timing: dict, runners_up: int = 5, top_evidence: int = 3) -> str:
@@ -85,6 +93,8 @@ def format_table(doc: dict, timing: dict, runners_up: int = 5, top_evidence: int
             yield f"  {c['code']:<{width}}  {c['probability']:.3f}  {c.get('description', '')}".rstrip()
             ev = ", ".join(f"{e['concept']} {e['probability']:.2f}" for e in c["evidence"][:top_evidence])
             yield f"  {'':<{width}}         evidence: {ev}"
+            if c.get("spans"):  # the note sentence the model's answers depend on most (cec.coding.attribution)
+                yield f"  {'':<{width}}         in the note: {quote(c['spans'][0]['text'])}"
 
     head = f"{doc['code_system']}, threshold {doc['threshold']:g}"
     if predicted:

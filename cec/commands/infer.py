@@ -20,6 +20,11 @@ token budget is cut to its most relevant sections: the warning and a "truncation
 "kept_tokens", "kept_percent"}) say how much was kept. --only-predicted keeps only the codes at or above the
 threshold, --no-text leaves out the note and the code descriptions (--list-codes prints those once).
 
+Each predicted code also carries `spans` ([{"start", "end", "text", "score"}], the note sentences its answers
+depend on most, best first, character offsets in the note as given) and each of its evidence concepts a
+`sentence` (the span that supports it best, or null); "timing" then has "evidence_seconds". This costs about 0.3x
+the coding time; --no-explain leaves it out, in batch mode too.
+
 Batch mode reads notes JSONL ({"id", "text"} per line; "labels" optional and copied to the output) and writes
 one line per note to --out: the JSON object above without "note", with "id" (and "labels") first. A run that
 stops is resumed by running the same command: notes already in --out are skipped, and a half-written last line
@@ -51,7 +56,7 @@ from cec.io import AppendJsonl, atomic_write_bytes, atomic_write_json, prepare_o
 from cec.coding import stages
 from cec.coding.attribution import add_evidence
 from cec.coding.concepts import load_concept_set
-from cec.coding.output import code_set_doc, format_table, note_json, timing_json
+from cec.coding.output import code_set_doc, format_table, note_json, shaped, timing_json
 from cec.coding.pipeline import DEFAULT_PIPELINE, PIPELINE_FILE, CECPipeline, PipelineConfig, resolve_beside
 from cec.coding.report import write_report
 
@@ -80,10 +85,14 @@ def read_note(arg: str, encoding: str | None = None) -> str:
 
 
 # -- output -----------------------------------------------------------------------------------------------
-def note_doc(pipeline, text: str, note_id: str | None = None, **shape) -> tuple[dict, dict]:
-    """(the JSON contract of cec.coding.output, the pipeline's full timing); shape: note_json's options."""
+def note_doc(pipeline, text: str, note_id: str | None = None, explain: bool = True, **shape) -> tuple[dict, dict]:
+    """(the JSON contract of cec.coding.output, the pipeline's full timing); explain: the note sentences behind
+    each predicted code (cec.coding.attribution); shape: cec.coding.output.shaped's options."""
     result = pipeline.code_note(text, note_id)
-    return note_json(result, text, pipeline, **shape), timing_json(result.timing)
+    doc = note_json(result, text, pipeline)
+    if explain:
+        add_evidence(doc, pipeline, text, result)
+    return shaped(doc, **shape), timing_json(result.timing)
 
 
 # -- batch: resumable JSONL --------------------------------------------------------------------------------
@@ -213,7 +222,8 @@ def run_batch(args, rank: int, world: int) -> None:
             bar = tqdm(total=len(shard), initial=len(shard) - len(todo), unit="note", file=sys.stderr,
                        desc=f"rank {rank}" if world > 1 else "coding", position=rank if world > 1 else None)
             for n in todo:
-                doc, _ = note_doc(pipeline, n["text"], n["id"], **(output_shape(args) | {"note": False}))
+                doc, _ = note_doc(pipeline, n["text"], n["id"], args.explain,
+                                  **(output_shape(args) | {"note": False}))
                 head = {"id": n["id"]} | ({"labels": n["labels"]} if "labels" in n else {})
                 writer.append(head | doc)
                 bar.update(1)
@@ -286,6 +296,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negation", choices=("on", "off"),
                    help="blank clauses that state a finding as absent, past or of a relative before coding (the "
                         "JSON's not_read lists them; default: the pipeline's)")
+    p.add_argument("--explain", action=argparse.BooleanOptionalAction, default=True,
+                   help="add the note sentences behind each predicted code (spans) and each evidence concept "
+                        "(sentence), found by hiding each sentence from the model's questions "
+                        "(cec.coding.attribution; about 0.3x the coding time). --no-explain leaves them out "
+                        "(the HTML report then falls back to word overlap, labelled as such)")
     add_runtime_args(p)
     add_scoring_args(p)
 
@@ -309,11 +324,7 @@ def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
                           "pipeline was trained on, and exit")
     p.add_argument("--out", metavar="JSONL", help="batch mode: predictions JSONL (resumed if it exists)")
     p.add_argument("--format", choices=("table", "json"), default="table", help="output for one note")
-    p.add_argument("--html", metavar="FILE", help="also write an HTML report with each code's evidence (implies "
-                                                   "--explain)")
-    p.add_argument("--explain", action="store_true",
-                   help="add the note sentences behind each predicted code (spans) and each evidence concept "
-                        "(sentence), found by hiding each sentence from the model's questions (cec.coding.attribution)")
+    p.add_argument("--html", metavar="FILE", help="also write an HTML report with each code's evidence")
     p.add_argument("--only-predicted", action="store_true", help="output only the codes at or above the threshold")
     p.add_argument("--no-text", action="store_true",
                    help="leave the note and the code descriptions out of the output (see --list-codes)")
@@ -387,25 +398,12 @@ def run(args) -> None:
         check_html(args.html, note_arg)
     pipeline = load_pipeline(args)
     name = None if note_arg == "-" else Path(note_arg).name
-    result = pipeline.code_note(text, name)
-    doc = note_json(result, text, pipeline, **output_shape(args))
-    full = note_json(result, text, pipeline) if args.html else None
-    if args.explain or args.html:
-        for d in filter(None, (doc, full)):  # the spans are computed once, copied into the report's doc
-            if d is doc:
-                add_evidence(d, pipeline, text, result)
-            else:
-                spans = {c["code"]: c for c in doc["codes"] if c.get("predicted")}
-                for c in d["codes"]:
-                    if c["code"] in spans:
-                        c["spans"] = spans[c["code"]].get("spans", [])
-                        sentences = {e["concept"]: e.get("sentence") for e in spans[c["code"]]["evidence"]}
-                        for e in c["evidence"]:
-                            e["sentence"] = sentences.get(e["concept"])
+    full, timing = note_doc(pipeline, text, name, args.explain)
+    doc = shaped(full, **output_shape(args))
     if args.format == "json":
         print(json.dumps(doc, ensure_ascii=False, indent=2))
     else:
-        print(format_table(doc, timing_json(result.timing)))
+        print(format_table(doc, timing))
     if args.html:
         write_report(args.html, full,
                      concept_threshold=pipeline.config.concept_threshold, note_id=name)
