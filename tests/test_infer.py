@@ -129,13 +129,16 @@ def test_table_lists_predicted_codes_first_then_timing(plain_doc, tiny, tmp_path
     assert lines[7] == "Next most likely:"
     assert [ln.strip().startswith("evidence: ") for ln in lines[2:7:2]] == [True] * 3
     assert re.fullmatch(rf"5 codes, {N_CONCEPTS + 5} questions, \d+ note tokens: [\d.]+ s "
-                        r"\(concepts [\d.]+ s, codes [\d.]+ s\)", lines[-1])
+                        r"\(concepts [\d.]+ s, codes [\d.]+ s\), evidence [\d.]+ s", lines[-1])
 
     none = dict(doc, threshold=1.0, codes=[dict(c, predicted=False) for c in doc["codes"]])
     lines = infer.format_table(none, {"questions": 28, "prefix_tokens": 400, "seconds": 1.25}).splitlines()
     assert lines[0] == "No code reached the threshold (icd9cm, threshold 1). Most likely:"
     assert lines[1].startswith(f"  {doc['codes'][0]['code']}") and lines[-2].lstrip().startswith("evidence: ")
-    assert lines[-1] == "5 codes, 28 questions, 400 note tokens: 1.2 s"
+    assert re.fullmatch(r"5 codes, 28 questions, 400 note tokens: 1.2 s, evidence [\d.]+ s", lines[-1])
+    bare = dict(none, timing={k: v for k, v in none["timing"].items() if k != "evidence_seconds"})
+    assert infer.format_table(bare, {"questions": 28, "prefix_tokens": 400, "seconds": 1.25}).splitlines()[-1] \
+        == "5 codes, 28 questions, 400 note tokens: 1.2 s"
 
 
 def test_stdin_and_demo(tiny, tmp_path, capsys, monkeypatch):

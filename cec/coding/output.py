@@ -110,8 +110,9 @@ def format_table(doc: dict, timing: dict, runners_up: int = 5, top_evidence: int
     if cut:
         lines.append(f"Note cut to the token budget: kept {cut['kept_tokens']} of {cut['note_tokens']} tokens "
                      f"({cut['kept_percent']}%)")
+    evidence = doc["timing"].get("evidence_seconds")
     lines.append(f"{len(doc['codes'])} codes, {t['questions']} questions, {t['prefix_tokens']} note tokens: "
-                 f"{t['seconds']:.1f} s{split}")
+                 f"{t['seconds']:.1f} s{split}" + (f", evidence {evidence:.1f} s" if evidence is not None else ""))
     return "\n".join(lines)
 
 
