@@ -35,8 +35,9 @@ from cec.io import atomic_write_json
 from cec.coding.report import sentence_spans, tokens
 
 
-def load_gold(src: Path, notes: list[dict], codes: list[str], show: int = 0) -> tuple[dict, dict]:
-    """({(note id, code): set of English sentence indices}, alignment figures)."""
+def gold_mentions(src: Path, notes: list[dict], codes: list[str]):
+    """CodiEsp-X's diagnosis mentions of `codes` in `notes`, each mapped to the English lines that translate it:
+    ([(note id, code, mention text, Spanish (start, end) spans, English line indices)], alignment figures)."""
     dev = src / "dev"
     code_set = set(codes)
     groups, kinds, same = {}, Counter(), 0
@@ -47,28 +48,34 @@ def load_gold(src: Path, notes: list[dict], codes: list[str], show: int = 0) -> 
         g = align([b - a for a, b in ss], [b - a for a, b in en])
         groups[n["id"]] = (es, ss, g)
         kinds.update(f"{len(a)}-{len(b)}" for a, b in g or [])
-    gold, mentions, mapped, sample = defaultdict(set), 0, 0, []
+    mentions = []
     for line in (dev / "devX.tsv").read_text(encoding="utf-8").splitlines():
         nid, kind, code, text, offsets = line.split("\t")
         if kind != "DIAGNOSTICO" or code.upper() not in code_set or nid not in groups:
             continue
-        mentions += 1
         es, ss, g = groups[nid]
-        lines = map_span(parse_offsets(offsets), ss, g) if g else []
-        mapped += bool(lines)
-        gold[(nid, code.upper())] |= set(lines)
-        sample.append((nid, code.upper(), text, lines))
+        spans = parse_offsets(offsets)
+        mentions.append((nid, code.upper(), text, spans, map_span(spans, ss, g) if g else []))
+    figures = {"notes": len(notes), "notes_same_sentence_count": same,
+               "notes_aligned": sum(g is not None for _, _, g in groups.values()), "groups": dict(kinds),
+               "d50_mentions": len(mentions), "d50_mentions_mapped": sum(bool(m[4]) for m in mentions)}
+    return mentions, figures
+
+
+def load_gold(src: Path, notes: list[dict], codes: list[str], show: int = 0) -> tuple[dict, dict]:
+    """({(note id, code): set of English sentence indices}, alignment figures)."""
+    mentions, figures = gold_mentions(src, notes, codes)
+    gold = defaultdict(set)
+    for nid, code, _, _, lines in mentions:
+        gold[(nid, code)] |= set(lines)
     by_id = {n["id"]: n for n in notes}
-    for nid, code, text, lines in random.Random(0).sample(sample, min(show, len(sample))):
+    for nid, code, text, _, lines in random.Random(0).sample(mentions, min(show, len(mentions))):
         en = note_sentences(by_id[nid]["text"])
         print(f"[eye] {nid} {code} {text!r} -> {[by_id[nid]['text'][slice(*en[j])] for j in lines]}", file=sys.stderr)
     pairs = {(n["id"], c) for n in notes for c in n["labels"]}
     covered = {p for p in pairs if gold.get(p)}
-    figures = {"notes": len(notes), "notes_same_sentence_count": same,
-               "notes_aligned": sum(g is not None for _, _, g in groups.values()), "groups": dict(kinds),
-               "d50_mentions": mentions, "d50_mentions_mapped": mapped, "gold_pairs": len(pairs),
-               "gold_pairs_with_sentence": len(covered),
-               "gold_notes_with_sentence": len({nid for nid, _ in covered})}
+    figures |= {"gold_pairs": len(pairs), "gold_pairs_with_sentence": len(covered),
+                "gold_notes_with_sentence": len({nid for nid, _ in covered})}
     return {p: gold[p] for p in covered}, figures
 
 

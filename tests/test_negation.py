@@ -126,3 +126,66 @@ def test_report_lists_what_the_model_did_not_read(folder):
     assert "Not read by the model" in page and "His mother had kidney injury" in page
     off = CECPipeline.load(folder, negation="off")
     assert "Not read by the model" not in render_report(note_json(off.code_note(NOTE), NOTE, off))
+
+
+@pytest.mark.parametrize("text, kept, gone", [
+    # a backward "negative" stops at a positive finding; "with" starts new content
+    ("IgM for parvovirus B19 are positive and IgG negative.", ["parvovirus B19 are positive"], ["IgG"]),
+    ("Delivery at 37 weeks without complications, with an Apgar score of 9/10.", ["with an Apgar score"],
+     ["complications"]),
+    ("Denies chest pain with exertion.", ["with exertion"], ["chest pain"]),
+    # the patient's own relations are not a relative's findings
+    ("Jaundice, first daughter of young parents, healthy.", ["Jaundice"], []),
+    ("Sociofunctional situation: lives with their parents. Asthma.", ["lives with their parents", "Asthma"], []),
+    # "No 139" is sodium as the translation spells it, not a negation
+    ("Ionogram: No 139, K 4.2, Cl 101. No fever.", ["No 139, K 4.2"], ["fever"]),
+])
+def test_scopes_found_over_reaching_on_training_notes(text, kept, gone):
+    got, _ = read(text)
+    assert all(k in got for k in kept) and not any(g in got for g in gone), got
+
+
+def test_the_rules_are_in_the_cache_key_when_negation_is_on(monkeypatch):
+    from cec.coding import negation
+
+    assert len(negation.RULES) == 12
+    before = negation.RULES
+    monkeypatch.setattr(negation, "ENDS", negation.ENDS + ("meanwhile",))
+    import hashlib
+    redone = hashlib.sha1(repr((negation.SCOPE_WORDS, negation.NEGATED_FORWARD, negation.NEGATED_BACKWARD,
+                                negation.PAST_FORWARD, negation.PAST_WORDS, negation.PAST_BACKWARD, negation.FAMILY,
+                                negation.PSEUDO, negation.ENDS, negation.LAST, "no+number")).encode()).hexdigest()[:12]
+    assert redone != before
+
+
+def test_negation_gold_counts_blanked_gold_mentions_by_spanish_cue(shared_dir, tmp_path, capsys):
+    """scripts/negation_gold.py on three CodiEsp dev notes: every mention is counted once, by kind."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "negation_gold.py"
+    spec = importlib.util.spec_from_file_location("negation_gold", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.spanish_cue("Paciente sin fiebre ni tos.", [(14, 20)]) == "negated"
+    assert mod.spanish_cue("Serología de VIH negativa.", [(13, 16)]) == "negated"
+    assert mod.spanish_cue("Su madre tenía diabetes.", [(15, 23)]) == "family"
+    assert mod.spanish_cue("Presenta fiebre alta.", [(9, 15)]) is None
+
+    src = shared_dir / "data" / "codiesp"
+    codes = [ln.split("\t")[0] for ln in (src / "codiesp50_codes.tsv").read_text().splitlines()[1:] if ln.strip()]
+    gold = {}
+    for ln in (src / "dev" / "devD.tsv").read_text().splitlines():
+        nid, code = ln.split("\t")
+        gold.setdefault(nid, []).append(code.upper())
+    ids = sorted(gold)[:3]
+    notes = tmp_path / "dev.jsonl"
+    notes.write_text("".join(json.dumps({"id": i, "text": (src / "dev" / "text_files_en" / f"{i}.txt").read_text(),
+                                         "labels": [c for c in gold[i] if c in codes]}) + "\n" for i in ids))
+    codes_file = tmp_path / "codes.txt"
+    codes_file.write_text("\n".join(codes) + "\n")
+    out = mod.main(["--src", str(src), "--notes", str(notes), "--codes", str(codes_file)])
+    assert out["notes"] == 3 and out["mentions"] > 0
+    assert sum(out["blanked"].values()) + sum(out["cued_but_read"].values()) <= out["mentions"]
+    assert out["mentions_with_spanish_cue"] >= sum(out["cued_but_read"].values())
+    assert json.loads(capsys.readouterr().out) == out

@@ -16,6 +16,7 @@ whole clause. Commas do not end a scope, so "no fever, chills or cough" is one s
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -36,13 +37,23 @@ FAMILY = ("mother", "father", "brother", "sister", "son", "daughter", "aunt", "u
           "grandfather", "cousin", "sibling", "siblings", "parents", "family history", "family history of")
 # phrases that contain a trigger but negate nothing
 PSEUDO = ("no change", "no increase", "no significant change", "not only", "not necessarily", "without difficulty",
-          "gram negative", "gram-negative", "not certain", "no longer than", "nor only")
+          "gram negative", "gram-negative", "not certain", "no longer than", "nor only",
+          # the patient's own relations, not a relative's findings ("first daughter of young parents")
+          "daughter of", "son of", "young parents", "with her parents",
+          "with his parents", "with their parents", "to her parents", "to his parents", "to their parents")
 ENDS = ("but", "however", "although", "though", "except", "yet", "whereas", "which", "who", "aside from",
         "apart from", "still", "while", "presented", "presents", "consulted", "consults", "admitted", "came",
         "comes", "referred", "reported", "reports", "complained", "complains", "showed", "shows", "revealed",
-        "developed", "underwent")
+        "developed", "underwent",
+        # new content, not more of the negated list: "no fever, with an Apgar score of 9", "IgM positive and IgG
+        # negative" (a backward scope must not take the positive finding), "did not respond, requiring surgery"
+        "with", "positive", "requiring", "required")
 # a scope ends after these: "without relevant medical history | consulted for hematuria"
 LAST = ("history", "antecedents", "background", "allergies")
+
+# what a score cache keyed on negation "on" depends on: the rules (a changed list is a different reading)
+RULES = hashlib.sha1(repr((SCOPE_WORDS, NEGATED_FORWARD, NEGATED_BACKWARD, PAST_FORWARD, PAST_WORDS, PAST_BACKWARD,
+                           FAMILY, PSEUDO, ENDS, LAST, "no+number")).encode()).hexdigest()[:12]
 
 WORD = re.compile(r"[A-Za-z][A-Za-z\d]*(?:-[A-Za-z\d]+)*|\d+(?:[.,]\d+)?|[^\sA-Za-z\d]")
 BOUNDARY = set(".;:!?")
@@ -92,6 +103,8 @@ def blanked_spans(text: str) -> list[Blanked]:
         i = 0
         while i < len(words):
             pseudo = _match(words, i, PSEUDO)
+            if words[i][2] == "no" and i + 1 < len(words) and words[i + 1][2][0].isdigit():
+                pseudo = 1  # "No 139, K 4.2" (sodium, as the translation spells Na), "no 2": a number, not a negation
             if pseudo:
                 i += pseudo
                 continue

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cec.coding import stages
+from cec.coding import negation, stages
 from cec.coding.concepts import ConceptSet, load_concept_set
 from cec.coding.pipeline import (ADAPTERS, DEFAULT_PIPELINE, PIPELINE_FILE, CECPipeline, PipelineConfig,
                                  resolve_config, shown_concepts)
@@ -158,6 +158,7 @@ def fingerprints(setup: EvalSetup, systems: list[System], device, dtype) -> dict
             "device": torch.device(device).type, "max_note_tokens": cfg.max_note_tokens}
     if cfg.negation != "off":  # the notes are read blanked (older caches, negation off, keep their keys)
         base["negation"] = cfg.negation
+        base["negation_rules"] = negation.RULES
     descriptions = [(c, cs.descriptions[c]) for c in cs.codes]
     label_stage = stages.get("label", cfg.label_layout or "paper")
     concept = {**base, "adapter": setup.adapter_hashes["concept"], "concepts": [c.text for c in cs.concepts],

@@ -1,0 +1,114 @@
+"""Where negation handling meets CodiEsp's gold: of the gold diagnosis mentions of dev (CodiEsp-X, mapped to the
+English lines that translate them, as scripts/evidence_eval.py maps them), how many fall in a clause
+cec.coding.negation blanks, and of those how many the Spanish original states after a negation or family cue
+(the gold codes a mention a coder would not: blanking it is right by the coding rules and costs dev F1) against
+none (the rules over-reach: a finding the note states as present is kept from the model). No model runs.
+
+    python scripts/negation_gold.py --src ../shared/data/codiesp --notes runs/codiesp/dev.jsonl \\
+        --codes ../shared/data/codiesp/codiesp50_codes.tsv [--show 10] > negation_gold.json
+
+A mention "falls in a blanked clause" when at least half of the characters of the English line(s) it maps to
+are blanked (a line holds several findings, so a touch alone says little; `touched` counts those too). The cue
+is looked for in the Spanish words just before the mention and in the mention itself, and backward cues
+("negativo", "descartado") just after it. --show N prints N blanked mentions of each kind to stderr, to check by eye.
+"""
+import argparse
+import json
+import random
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from evidence_eval import gold_mentions  # noqa: E402 -- scripts/, beside this file
+from cec.cli import user_errors  # noqa: E402
+from cec.coding.attribution import note_sentences  # noqa: E402
+from cec.coding.negation import blanked_spans  # noqa: E402
+from cec.data import read_codes, read_notes  # noqa: E402
+
+NEG_BEFORE = {"no", "sin", "niega", "niegan", "negaba", "negó", "ausencia", "ni", "nunca", "tampoco", "descarta",
+              "descartan", "descartó", "descartar", "exfumador", "exfumadora", "ex"}
+NEG_AFTER = {"negativo", "negativa", "negativos", "negativas", "descartado", "descartada", "descartados",
+             "descartadas", "ausente", "ausentes", "resuelto", "resuelta"}
+FAMILY = {"madre", "padre", "hermano", "hermana", "hermanos", "hijo", "hija", "abuelo", "abuela", "tío", "tía",
+          "familiares", "familiar", "padres"}
+WORD = re.compile(r"\w+")
+BEFORE_WORDS, AFTER_WORDS = 6, 4
+
+
+def spanish_cue(es: str, spans: list[tuple[int, int]]) -> str | None:
+    """'negated' or 'family' when the Spanish text states the mention after such a cue, else None."""
+    start, end = spans[0][0], spans[-1][1]
+    before = WORD.findall(es[max(0, start - 80): start].lower())[-BEFORE_WORDS:]
+    inside = WORD.findall(es[start:end].lower())
+    after = WORD.findall(es[end: end + 60].lower())[:AFTER_WORDS]
+    words = set(before) | set(inside)
+    if words & FAMILY:
+        return "family"
+    if words & NEG_BEFORE or set(after) & NEG_AFTER:
+        return "negated"
+    return None
+
+
+def blanked_share(line: tuple[int, int], blanks) -> float:
+    covered = sum(max(0, min(b.end, line[1]) - max(b.start, line[0])) for b in blanks)
+    return covered / max(1, line[1] - line[0])
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--src", type=Path, required=True, help="CodiEsp folder (with dev/devX.tsv and dev/text_files)")
+    ap.add_argument("--notes", required=True, help="dev notes JSONL (English), as prepare_codiesp.py writes them")
+    ap.add_argument("--codes", required=True, help="the code list (codiesp50_codes.tsv)")
+    ap.add_argument("--show", type=int, default=0, help="print this many blanked mentions of each kind to stderr")
+    args = ap.parse_args(argv)
+    notes = read_notes(args.notes)
+    mentions, figures = gold_mentions(args.src, notes, read_codes(args.codes))
+    by_id = {n["id"]: n for n in notes}
+    blanks = {n["id"]: blanked_spans(n["text"]) for n in notes}
+    lines = {n["id"]: note_sentences(n["text"]) for n in notes}
+    counts, examples = Counter(), {"over-reach": [], "negated": [], "family": []}
+    pairs, pairs_blanked = set(), {}
+    for nid, code, text, spans, idx in mentions:
+        if not idx:
+            continue
+        es = (args.src / "dev" / "text_files" / f"{nid}.txt").read_text(encoding="utf-8")
+        shares = [blanked_share(lines[nid][j], blanks[nid]) for j in idx]
+        cue = spanish_cue(es, spans)
+        counts["mentions"] += 1
+        counts["mentions_with_spanish_cue"] += cue is not None
+        touched, blanked = any(s > 0 for s in shares), all(s >= 0.5 for s in shares)
+        counts["touched"] += touched
+        pairs.add((nid, code))
+        pairs_blanked[(nid, code)] = pairs_blanked.get((nid, code), True) and blanked
+        if blanked:
+            kind = cue or "over-reach"
+            counts[f"blanked_{kind}"] += 1
+            en = " | ".join(by_id[nid]["text"][slice(*lines[nid][j])] for j in idx)
+            examples[kind].append({"note": nid, "code": code, "spanish": text, "english": en[:200]})
+        elif cue is not None:
+            counts[f"read_{cue}"] += 1  # a negated or family mention the rules leave to the model
+    for kind, rows in examples.items():
+        for row in random.Random(0).sample(rows, min(args.show, len(rows))):
+            print(f"[eye] {kind}: {json.dumps(row, ensure_ascii=False)}", file=sys.stderr)
+    n = counts["mentions"]
+    out = {"notes": len(notes), "alignment": figures, "mentions": n,
+           "mentions_with_spanish_cue": counts["mentions_with_spanish_cue"],
+           "touched": counts["touched"],
+           "blanked": {k: counts[f"blanked_{k}"] for k in ("negated", "family", "over-reach")},
+           "cued_but_read": {k: counts[f"read_{k}"] for k in ("negated", "family")},
+           "gold_pairs": len(pairs), "gold_pairs_all_mentions_blanked": sum(pairs_blanked.values()),
+           "notes_with_a_blank": sum(bool(b) for b in blanks.values()),
+           "blanks_per_note": round(sum(map(len, blanks.values())) / max(1, len(notes)), 2)}
+    out["blanked_share"] = {k: round(v / max(1, n), 4) for k, v in out["blanked"].items()}
+    print(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    with user_errors("negation_gold.py"):
+        main()
