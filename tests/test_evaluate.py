@@ -179,6 +179,25 @@ def test_evaluation_scores_are_what_infer_computes_and_direct_uses_the_base_mode
         CECPipeline.load(work.pipe).direct_probs(note["text"])
 
 
+def test_concept_mean_is_stage_one_alone_and_stores_what_crossfit_fits_on(work, tmp_path, monkeypatch):
+    """concept-mean: each code the mean of its own concepts' stage-1 probabilities, with those probabilities in
+    the cache (under CONCEPTS, as the CEC systems store them); no code question is asked."""
+    setup = evaluation.resolve_setup(work.pipe)
+    systems, _ = evaluation.parse_systems(["concept-mean"], 4, True, False)
+    note = work.notes[2]
+    cache = score_cache.ScoreCache(tmp_path / "s.jsonl")
+    evaluator = evaluation.Evaluator(setup, systems, cache)
+    with monkeypatch.context() as mp:
+        mp.setattr(CECPipeline, "code_probs", lambda *a, **k: pytest.fail("concept-mean asked a code question"))
+        scores = evaluator.scores([note], "test")["concept-mean"][0]
+    cp = CECPipeline.load(work.pipe).concept_probs(note["text"])
+    want = [cp[work.cs.concept_ids(c)].mean().item() for c in work.cs.codes]
+    assert scores.tolist() == pytest.approx(want, abs=2e-6)
+    stored = cache.get(evaluation.CONCEPTS, evaluator.keys[evaluation.CONCEPTS], note)
+    assert stored == pytest.approx(cp.tolist(), abs=1e-6)
+    assert evaluator.keys["concept-mean"] != evaluator.keys[evaluation.CONCEPTS]
+
+
 def test_shipped_pipeline_is_evaluated_with_its_label_llm_and_direct_adapter(capsys):
     """The shipped pipeline's stage 2 is linear: its CEC systems still ask its label LLM (its own layout), and
     direct-ft gets direct_adapter from cec_pipeline.json; no warning about a threshold evaluation does not use."""

@@ -5,7 +5,8 @@
         --json results/codiesp.json [--max-notes 20] [--systems cec-k3 cec-k6 leaf direct]
 
 Systems: cec-k3 cec-k4 cec-k5 cec-k6 (CEC with k own concepts + m outside negatives), leaf (CEC over each
-code's leaf-level concepts only, at the pipeline's k), direct (base model, one direct yes/no question per code
+code's leaf-level concepts only, at the pipeline's k), concept-mean (stage 1 alone: each code the mean of its
+own concepts' probabilities; it stores the stage-1 probabilities scripts/crossfit_eval.py fits on), direct (base model, one direct yes/no question per code
 description), direct-ft (the same with a direct-stage adapter: --direct-adapter, or `direct_adapter` in
 cec_pipeline.json), tfidf (TF-IDF + one-vs-rest logistic regression on --train). Default: all the inputs allow.
 

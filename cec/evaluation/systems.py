@@ -47,13 +47,13 @@ MACRO_F1_DEFINITION = "mean of per-label F1 (scikit-learn average='macro'); CAML
 # ---------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class System:
-    key: str  # "cec-k5", "leaf", "direct", "direct-ft", "tfidf"
-    kind: str  # "cec", "leaf", "direct", "direct-ft", "tfidf"
+    key: str  # "cec-k5", "leaf", "concept-mean", "direct", "direct-ft", "tfidf"
+    kind: str  # "cec", "leaf", "concept-mean", "direct", "direct-ft", "tfidf"
     k: int | None = None
 
     def name(self, m: int) -> str:
         return {"cec": f"CEC (C+ = {self.k}, C- = {m})", "leaf": f"Leaf concepts (C+ = {self.k}, C- = {m})",
-                "direct": "Direct coding w/o FT", "direct-ft": "Direct coding w. FT",
+                "concept-mean": "Concept mean, all own concepts", "direct": "Direct coding w/o FT", "direct-ft": "Direct coding w. FT",
                 "tfidf": "TF-IDF + LR (one-vs-rest)"}[self.kind]
 
 
@@ -81,7 +81,7 @@ def parse_systems(keys: list[str] | None, main_k: int, have_direct_adapter: bool
             systems.append(System(key, "cec", int(m.group(1))))
         elif key == "leaf":
             systems.append(System(key, "leaf", main_k))
-        elif key in ("direct", "direct-ft", "tfidf"):
+        elif key in ("concept-mean", "direct", "direct-ft", "tfidf"):
             if key == "direct-ft" and not have_direct_adapter:
                 raise ConfigError("system direct-ft needs a direct adapter (--direct-adapter, or direct_adapter "
                                   f"in {PIPELINE_FILE})")
@@ -89,7 +89,7 @@ def parse_systems(keys: list[str] | None, main_k: int, have_direct_adapter: bool
                 raise ConfigError("system tfidf needs --train notes")
             systems.append(System(key, key))
         else:
-            raise ConfigError(f"unknown system {key!r} (cec-kK, leaf, direct, direct-ft, tfidf)")
+            raise ConfigError(f"unknown system {key!r} (cec-kK, leaf, concept-mean, direct, direct-ft, tfidf)")
     if not systems:
         raise ConfigError("no systems to evaluate")
     return systems, notes
@@ -173,6 +173,8 @@ def fingerprints(setup: EvalSetup, systems: list[System], device, dtype) -> dict
         if s.kind in ("cec", "leaf"):
             view = leaf_view(cs) if s.kind == "leaf" else cs
             out[s.key] = digest({**label, "k": s.k, "own": [view.concept_ids(c) for c in cs.codes]})
+        elif s.kind == "concept-mean":
+            out[s.key] = digest({"concept": out[CONCEPTS], "own": [cs.concept_ids(c) for c in cs.codes]})
         elif s.kind == "direct":
             out[s.key] = digest(direct)
         elif s.kind == "direct-ft":
@@ -214,19 +216,24 @@ class Evaluator:
         text = pipe.fit_note(note["text"])
         self.timing["notes_computed"] += 1
         staged = [s for s in missing if s.kind in ("cec", "leaf")]
-        if staged:
+        if staged or any(s.kind == "concept-mean" for s in missing):
             t0 = time.perf_counter()
             cp = cache.get(CONCEPTS, keys[CONCEPTS], note)
             if cp is None:
                 cp = cache.put(CONCEPTS, keys[CONCEPTS], note, pipe.concept_probs(text))
             cp = torch.tensor(cp, dtype=torch.float32)
             t1 = time.perf_counter()
-            leaf = leaf_view(pipe.cs)
-            views = [leaf if s.kind == "leaf" else pipe.cs for s in staged]
-            variants = [(shown_concepts(pipe.config, view, cp, note["id"], s.k), view)
-                        for s, view in zip(staged, views)]
-            for s, p in zip(staged, pipe.code_probs(text, cp, variants)):
-                cache.put(s.key, keys[s.key], note, p)
+            for s in missing:  # stage 1 alone: each code the mean of its own concepts' probabilities
+                if s.kind == "concept-mean":
+                    cache.put(s.key, keys[s.key], note, torch.stack([cp[pipe.cs.concept_ids(c)].mean()
+                                                                     for c in pipe.cs.codes]))
+            if staged:
+                leaf = leaf_view(pipe.cs)
+                views = [leaf if s.kind == "leaf" else pipe.cs for s in staged]
+                variants = [(shown_concepts(pipe.config, view, cp, note["id"], s.k), view)
+                            for s, view in zip(staged, views)]
+                for s, p in zip(staged, pipe.code_probs(text, cp, variants)):
+                    cache.put(s.key, keys[s.key], note, p)
             self.timing["concept_s"] += t1 - t0
             self.timing["label_s"] += time.perf_counter() - t1
         for s in missing:
