@@ -11,9 +11,9 @@
                          "description"}]}
     GET  /healthz        {"status": "ok", "queued", "coded"}; /docs and /openapi.json: the OpenAPI docs
 
-Each predicted code carries the note sentences behind it (`spans`, as infer.py; --no-explain leaves them out,
-about 0.3x less time per note). One worker thread owns the model: requests queue and are coded one after another, a batch's notes back to back,
-with the model loaded once at start. Limits: --max-body bytes per request (413), --max-note-chars per note
+Each predicted code carries the note sentences behind it (`spans`, as infer.py; --no-explain leaves them out and
+saves about a quarter of the time per note). One worker thread owns the model: requests queue and are coded one
+after another, a batch's notes back to back, with the model loaded once at start. Limits: --max-body bytes per request (413), --max-note-chars per note
 (413), --max-batch notes per batch (413), --max-queue notes waiting (503 with Retry-After). Every error is
 {"error": {"code", "message"}} with a 4xx status; a bug is a 500 with that shape, its traceback only in the
 server's log. It binds to 127.0.0.1; with --token (or CEC_SERVE_TOKEN) every /v1 request needs
