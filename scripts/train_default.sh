@@ -24,7 +24,10 @@ $PY - "$OUT" "$MODEL" <<'PYEOF'
 import sys
 from cec.coding.pipeline import PipelineConfig
 out, model = sys.argv[1], sys.argv[2]
-PipelineConfig(base_model=model, concept_adapter="concept", label_adapter="label-compact", direct_adapter="direct").save(out)
+# negation on: the notes are read with their negated, past and family clauses blanked (cec/coding/negation.py),
+# in the evaluation below and so in the fit of stage 2, as infer.py reads them
+PipelineConfig(base_model=model, concept_adapter="concept", label_adapter="label-compact", direct_adapter="direct",
+               negation="on").save(out)
 PYEOF
 head -n "$DEV_HALF" "$DATA/dev.jsonl" > "$OUT/dev_tune.jsonl"
 tail -n +"$((DEV_HALF + 1))" "$DATA/dev.jsonl" > "$OUT/dev_report.jsonl"
