@@ -104,7 +104,7 @@ def blanked_spans(text: str) -> list[Blanked]:
         while i < len(words):
             pseudo = _match(words, i, PSEUDO)
             if words[i][2] == "no" and i + 1 < len(words) and words[i + 1][2][0].isdigit():
-                pseudo = 1  # "No 139, K 4.2" (sodium, as the translation spells Na), "no 2": a number, not a negation
+                pseudo = 1  # "No 139, K 4.2" (sodium, as the translation spells Na): a number, not a negation
             if pseudo:
                 i += pseudo
                 continue

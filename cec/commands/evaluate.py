@@ -6,9 +6,9 @@
 
 Systems: cec-k3 cec-k4 cec-k5 cec-k6 (CEC with k own concepts + m outside negatives), leaf (CEC over each
 code's leaf-level concepts only, at the pipeline's k), concept-mean (stage 1 alone: each code the mean of its
-own concepts' probabilities; it stores the stage-1 probabilities scripts/crossfit_eval.py fits on), direct (base model, one direct yes/no question per code
-description), direct-ft (the same with a direct-stage adapter: --direct-adapter, or `direct_adapter` in
-cec_pipeline.json), tfidf (TF-IDF + one-vs-rest logistic regression on --train). Default: all the inputs allow.
+own concepts' probabilities; it stores the stage-1 probabilities scripts/crossfit_eval.py fits on), direct (base
+model, one direct yes/no question per code description), direct-ft (the same with a direct-stage adapter:
+--direct-adapter, or `direct_adapter` in cec_pipeline.json), tfidf (TF-IDF + one-vs-rest logistic regression on --train). Default: all the inputs allow.
 
 For each system the threshold is tuned on dev by micro-F1 and applied to test; the table reports macro/micro
 AUC, macro/micro F1 (macro F1 = the mean of per-label F1) and P@5. Per-note scores are cached in

@@ -172,11 +172,14 @@ class MLP(nn.Module):
     def forward(self, x):
         g, up = self.gate_proj(x), self.up_proj(x)
         if torch.is_grad_enabled():
-            return self.down_proj((F.gelu(g, approximate="tanh") if self.gelu else F.silu(g)) * up)
+            return self.down_proj(self.act(g) * up)
         # inference: in place where no backward needs the activation
         if self.gelu and not g.is_cuda:
             return self.down_proj(gelu_tanh_mul_(g, up))
-        return self.down_proj((F.gelu(g, approximate="tanh") if self.gelu else F.silu(g)).mul_(up))
+        return self.down_proj(self.act(g).mul_(up))
+
+    def act(self, g):
+        return F.gelu(g, approximate="tanh") if self.gelu else F.silu(g)
 
 
 GELU_C = 2 * math.sqrt(2 / math.pi)

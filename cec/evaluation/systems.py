@@ -53,7 +53,8 @@ class System:
 
     def name(self, m: int) -> str:
         return {"cec": f"CEC (C+ = {self.k}, C- = {m})", "leaf": f"Leaf concepts (C+ = {self.k}, C- = {m})",
-                "concept-mean": "Concept mean, all own concepts", "direct": "Direct coding w/o FT", "direct-ft": "Direct coding w. FT",
+                "concept-mean": "Concept mean, all own concepts", "direct": "Direct coding w/o FT",
+                "direct-ft": "Direct coding w. FT",
                 "tfidf": "TF-IDF + LR (one-vs-rest)"}[self.kind]
 
 
