@@ -30,7 +30,7 @@ from cec.evaluation.score_cache import ScoreCache  # noqa: E402
 from cec.evaluation.systems import CONCEPTS, System, fingerprints, leaf_view  # noqa: E402
 from cec.evaluation.systems import resolve_setup, tfidf_scores  # noqa: E402
 from cec.io import atomic_write_json, atomic_write_text  # noqa: E402
-from cec.evaluation.metrics import label_matrix, tune_threshold  # noqa: E402
+from cec.evaluation.metrics import label_matrix, roc_auc, tune_threshold  # noqa: E402
 
 LLM_SYSTEMS = [System("cec-k5", "cec", 5), System("direct-ft", "direct-ft"), System("direct", "direct")]
 
@@ -38,6 +38,20 @@ LLM_SYSTEMS = [System("cec-k5", "cec", 5), System("direct-ft", "direct-ft"), Sys
 def cached(cache, key, notes):
     rows = [cache.get(*key, n) for n in notes]
     return None if any(r is None for r in rows) else np.array(rows, dtype=np.float64)
+
+
+def concept_stage_metrics(cs, concept_p: np.ndarray, y: np.ndarray, threshold: float = 0.5) -> dict:
+    """The concept model on its own, against the dev notes' pseudo-labels (a concept is positive for a note when
+    one of its gold codes has it, App. C): AUC over all (note, concept) pairs, precision and recall at the
+    pipeline's concept threshold, and how often it says Yes."""
+    pseudo = np.zeros(concept_p.shape, dtype=bool)
+    for j, code in enumerate(cs.codes):
+        pseudo[np.ix_(y[:, j] == 1, cs.concept_ids(code))] = True
+    yes = concept_p >= threshold
+    hits = int((yes & pseudo).sum())
+    return {"auc": roc_auc(pseudo.ravel().astype(int), concept_p.ravel()), "threshold": threshold,
+            "precision": hits / max(int(yes.sum()), 1), "recall": hits / max(int(pseudo.sum()), 1),
+            "yes_rate": float(yes.mean()), "pseudo_positive_rate": float(pseudo.mean())}
 
 
 def main(argv=None):
@@ -102,6 +116,7 @@ def main(argv=None):
               f"{r['micro_f1_ci95'][1]:.3f}]", file=sys.stderr)
     payload = {"notes": len(notes), "codes": len(cs.codes), "positives": int(y.sum()), "seed": args.seed,
                "halves": [len(h) for h in halves(len(notes), args.seed)], "systems": results,
+               "concept_stage": concept_stage_metrics(cs, concept_p, y),
                "protocol": "two-fold over the scored dev notes: calibration (Platt), threshold (micro-F1) and "
                            "bottleneck weights fitted on one half, reported on the other, both ways; pooled"}
     if args.fit_out:
@@ -130,6 +145,11 @@ def render(payload: dict) -> str:
                      f"{d[1]:.3f} | {r['macro_f1']:.3f} | {r['micro_auc']:.3f} | {r['macro_auc']:.3f} | "
                      f"{r['p_at_5']:.3f} | {r['ece']:.3f} | {100 * r['share_above_0_99']:.1f}% | "
                      f"{r['codes_per_note']:.1f} (gold {r['gold_codes_per_note']:.1f}) |")
+    c = payload["concept_stage"]
+    lines += ["", f"Concept stage on its own, against the notes' pseudo-labels (a concept is positive when a gold code "
+              f"has it): AUC {c['auc']:.3f}; at P >= {c['threshold']:g}, precision {c['precision']:.3f}, recall "
+              f"{c['recall']:.3f}; Yes to {100 * c['yes_rate']:.1f}% of (note, concept) pairs, "
+              f"{100 * c['pseudo_positive_rate']:.1f}% positive."]
     return "\n".join(lines) + "\n"
 
 

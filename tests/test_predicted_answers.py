@@ -36,7 +36,7 @@ def test_predicted_questions_show_what_inference_shows(sampling, threshold):
     opts = ExampleOptions(k=2, m=2)
     for note in notes:
         for epoch in (0, 1):
-            ex = build_examples(stages.LABEL, note, cs, seed=7, epoch=epoch, opts=opts, answers=answers)
+            ex = build_examples(stages.LABEL, note, cs, seed=7, epoch=epoch, opts=opts, drawer=answers)
             p = probs[note["id"]]
             shown = shown_concepts(config, cs, p, f"{epoch}/{note['id']}")
             for question, label, code in zip(ex.questions, ex.labels, ex.keys):

@@ -106,11 +106,23 @@ def _n_negatives(n_pos: int, pool: int, opts) -> int:
     return min(pool, max(round(opts.neg_ratio * n_pos), opts.min_negatives))
 
 
-def _draw_concept(stage: Stage, note: dict, cs, rng: random.Random, opts) -> list[tuple[str, int, str]]:
+def draw_concept(stage: Stage, note: dict, cs, rng: random.Random, opts,
+                 hard: Sequence[tuple[float, Sequence[Sequence[int]]]] = ()) -> list[tuple[str, int, str]]:
+    """The concept stage's examples; hard: further negatives (cec.training.hard_negatives), each (how many per
+    positive, candidate concept ids in groups, the hardest group first): drawn after the random ones, from
+    candidates that are neither positive nor drawn yet, a group emptied before the next, random within one."""
     pos = list(dict.fromkeys(i for code in note["labels"] for i in cs.concept_ids(code)))
     pos_set = set(pos)
     pool = sorted({i for code in cs.codes if code not in note["labels"] for i in cs.concept_ids(code)} - pos_set)
     neg = _sample(rng, pool, _n_negatives(len(pos), len(pool), opts))
+    for ratio, groups in hard:
+        want, taken = round(ratio * len(pos)), pos_set | set(neg)
+        for group in groups:
+            fresh = sorted(set(group) - taken)
+            picked = _sample(rng, fresh, want)
+            neg += picked
+            taken |= set(picked)
+            want -= len(picked)
     items = [(i, 1) for i in pos] + [(i, 0) for i in neg]
     return [(stage.question(cs.concepts[i].text), y, f"c{i}") for i, y in items]
 
@@ -148,7 +160,7 @@ def _draw_direct(stage: Stage, note: dict, cs, rng: random.Random, opts) -> list
 
 # -- the stages -------------------------------------------------------------------------------------------
 CONCEPT = Stage("concept", "paper", prompts.concept_prefix, lambda concept, shown: prompts.concept_question(concept),
-                (prompts.CONCEPT_INSTRUCTION, prompts.CONCEPT_QUESTION), TrainDefaults(steps=500), _draw_concept,
+                (prompts.CONCEPT_INSTRUCTION, prompts.CONCEPT_QUESTION), TrainDefaults(steps=500), draw_concept,
                 sample_subject="concept")
 LABEL = Stage("label", "paper", prompts.label_prefix, prompts.label_question,
               (prompts.LABEL_INSTRUCTION, prompts.LABEL_CONCEPTS_INTRO, prompts.LABEL_CONCEPT_LINE,

@@ -16,6 +16,9 @@ The label stage shows each code question concept answers: pseudo answers from th
 the default), or with --concept-answers predicted --concept-adapter DIR the concept model's own answers, every
 concept of every training note scored first (kept in the run folder, concept_scores.jsonl) and the concepts
 shown chosen as inference chooses them (cec.training.concept_answers); cec_adapter.json records which.
+The concept stage's negatives are random (the paper); --related-negatives and --confused-negatives add harder
+ones (concepts of codes near the true ones in the ICD tree, and a concept adapter's own false positives on the
+note: cec.training.hard_negatives).
 
 Notes files must be UTF-8, as JSON requires (a line that is not is an error naming the file and line). Bad input
 (a missing or malformed file, an unknown code, weights or a checkpoint of another model) is one line on stderr and
@@ -46,6 +49,7 @@ from cec.evaluation.systems import adapter_hash
 from cec.training.concept_answers import CONCEPT_ANSWERS, SCORES_FILE, PredictedAnswers, score_notes
 from cec.training.checkpoint import latest_checkpoints
 from cec.training.examples import ExampleOptions, build_examples, check_labels
+from cec.training.hard_negatives import HardNegatives
 from cec.training.trainer import TrainConfig, Trainer
 
 
@@ -103,6 +107,15 @@ def parse_args(argv=None, prog: str = "train.py") -> argparse.Namespace:
                    help="concept/direct: negatives sampled per positive (default: %(default)s)")
     g.add_argument("--min-negatives", type=int, default=5,
                    help="concept/direct: at least this many negatives per note (default: %(default)s)")
+    g.add_argument("--related-negatives", type=float, default=0.0, metavar="R",
+                   help="concept: R more negatives per positive from the concepts of false codes that share an ICD "
+                        "ancestor with a true code, the closest first (category, block, chapter) (default: 0)")
+    g.add_argument("--confused-negatives", type=float, default=0.0, metavar="R",
+                   help="concept: R more negatives per positive from the concepts --confused-from answers Yes to "
+                        "(P >= 0.5) on the note though none of its codes has them (default: 0)")
+    g.add_argument("--confused-from", metavar="DIR",
+                   help="concept, --confused-negatives: the concept-stage adapter whose false positives are drawn; "
+                        "its scores are kept in the run folder (concept_scores.jsonl) and reused by later runs")
     g.add_argument("--label-k", dest="k", type=int, default=5,
                    help="label: concepts of the asked code's set (default: %(default)s)")
     g.add_argument("--label-m", dest="m", type=int, default=2,
@@ -180,6 +193,21 @@ def check_concept_answers(args) -> None:
         raise ConfigError(f"--concept-threshold must be in [0, 1], got {args.concept_threshold}")
 
 
+def check_hard_negatives(args) -> None:
+    """--related-negatives, --confused-negatives and --confused-from: concept stage only, and consistent."""
+    given = {"--related-negatives": args.related_negatives, "--confused-negatives": args.confused_negatives,
+             "--confused-from": args.confused_from}
+    if args.stage != "concept":
+        named = [name for name, v in given.items() if v]
+        if named:
+            raise ConfigError(f"{named[0]} is for --stage concept, not --stage {args.stage}")
+        return
+    if bool(args.confused_negatives) != bool(args.confused_from):
+        raise ConfigError("--confused-negatives R and --confused-from DIR go together")
+    if args.confused_from and not Path(args.confused_from).is_dir():
+        raise ConfigError(f"--confused-from {args.confused_from}: no such folder")
+
+
 def check_args(args) -> None:
     positive = {"--steps": args.steps, "--grad-accum": args.grad_accum, "--max-tokens": args.max_tokens,
                 "--lora-r": args.r, "--keep-checkpoints": args.keep_checkpoints}
@@ -188,7 +216,9 @@ def check_args(args) -> None:
             raise ConfigError(f"{name} must be at least 1, got {value}")
     for name, value in {"--lr": args.lr, "--lora-alpha": args.alpha, "--neg-ratio": args.neg_ratio,
                         "--warmup": args.warmup, "--eval-every": args.eval_every, "--save-every": args.save_every,
-                        "--label-k": args.k, "--label-m": args.m, "--false-ratio": args.false_ratio}.items():
+                        "--label-k": args.k, "--label-m": args.m, "--false-ratio": args.false_ratio,
+                        "--related-negatives": args.related_negatives,
+                        "--confused-negatives": args.confused_negatives}.items():
         if value < 0:
             raise ConfigError(f"{name} must not be negative, got {value}")
     if not 0 <= args.dropout < 1:
@@ -197,25 +227,40 @@ def check_args(args) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
     check_concept_answers(args)
+    check_hard_negatives(args)
 
 
 def check_run_folder(args) -> None:
     out = Path(args.out)
     if not args.resume and (latest_checkpoints(out) or (out / WEIGHTS_FILE).exists()):
         raise ConfigError(f"--out {out} already holds a run; pass --resume to continue it, or choose another --out")
-    found = latest_checkpoints(out) if args.resume and args.stage == "label" else []
-    if found:  # the examples a run trains on must not change under it
-        try:
-            saved = json.loads((found[-1] / META_FILE).read_text())
-        except (OSError, ValueError):
-            saved = {}
-        was = saved.get("concept_answers", "pseudo") if isinstance(saved, dict) else "pseudo"
+    found = latest_checkpoints(out) if args.resume and args.stage in ("label", "concept") else []
+    if not found:
+        return
+    try:  # the examples a run trains on must not change under it
+        saved = json.loads((found[-1] / META_FILE).read_text())
+    except (OSError, ValueError):
+        saved = {}
+    saved = saved if isinstance(saved, dict) else {}
+    if args.stage == "concept":
+        if saved.get("hard_negatives", {"related": 0.0, "confused": 0.0}) != hard_negatives_meta(args):
+            raise ConfigError(f"checkpoint {found[-1]} was trained with other hard negatives "
+                              f"({saved.get('hard_negatives')}): resume with the same --related-negatives, "
+                              "--confused-negatives and --confused-from")
+    else:
+        was = saved.get("concept_answers", "pseudo")
         if was != args.concept_answers:
             raise ConfigError(f"checkpoint {found[-1]} was trained with --concept-answers {was}, this run has "
                               f"{args.concept_answers}: resume with the same --concept-answers")
         if was == "predicted" and saved.get("concept_adapter_sha256") != adapter_hash(Path(args.concept_adapter)):
             raise ConfigError(f"checkpoint {found[-1]} was trained on the answers of another concept adapter "
                               f"({saved.get('concept_adapter')}): resume with the same --concept-adapter")
+
+
+def hard_negatives_meta(args) -> dict:
+    """What cec_adapter.json records of a concept run's hard negatives (the resume check compares it)."""
+    return {"related": args.related_negatives, "confused": args.confused_negatives,
+            **({"confused_from_sha256": adapter_hash(Path(args.confused_from))} if args.confused_from else {})}
 
 
 def read_data(args):
@@ -263,9 +308,13 @@ def main(argv=None, prog: str = "train.py") -> None:
         model, tokenizer = load_model(args.model, device=device, dtype=dtype)
         stage = stages.get(args.stage, args.label_layout if args.stage == "label" else "paper")
         yes_ids, no_ids = stage.answer_ids(tokenizer)
-        answers, answers_meta = None, {"concept_answers": args.concept_answers} if args.stage == "label" else {}
+        drawer, drawer_meta = None, {"concept_answers": args.concept_answers} if args.stage == "label" else {}
         if args.concept_answers == "predicted":
-            answers, answers_meta = predicted_answers(args, model, tokenizer, concept_set, notes, rank, log)
+            drawer, drawer_meta = predicted_answers(args, model, tokenizer, concept_set, notes, rank, log)
+        if args.stage == "concept":
+            drawer_meta = {"hard_negatives": hard_negatives_meta(args)}
+            if args.related_negatives or args.confused_negatives:
+                drawer = hard_negatives(args, model, tokenizer, concept_set, notes, rank, log)
         torch.manual_seed(args.seed)  # the same LoRA init on every rank and in every run
         if args.init_adapter:
             lora_config, _ = load_adapter(model, args.init_adapter, dtype=torch.float32, dropout=args.dropout)
@@ -282,7 +331,7 @@ def main(argv=None, prog: str = "train.py") -> None:
                               max_questions=args.max_questions)
 
         def make_examples(note, epoch):
-            return build_examples(stage, note, concept_set, seed=args.seed, epoch=epoch, opts=opts, answers=answers)
+            return build_examples(stage, note, concept_set, seed=args.seed, epoch=epoch, opts=opts, drawer=drawer)
 
         config = TrainConfig(steps=args.steps, lr=args.lr, warmup=args.warmup, schedule=args.schedule,
                              grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm,
@@ -295,7 +344,7 @@ def main(argv=None, prog: str = "train.py") -> None:
                 "prompts": stage.layout, "yes_answers": list(stage.yes_answers), "no_answers": list(stage.no_answers),
                 "train_notes": len(notes), "seed": args.seed,
                 "concept_set_codes": list(concept_set.codes),  # what infer.py and evaluate.py check the set against
-                **answers_meta, **({"init_adapter": str(args.init_adapter)} if args.init_adapter else {})}
+                **drawer_meta, **({"init_adapter": str(args.init_adapter)} if args.init_adapter else {})}
         log(f"stage {args.stage}: {len(notes)} notes, {len(dev)} dev notes, {world} process(es) on {device}, "
             f"LoRA r={args.r} alpha={args.alpha:g} on {', '.join(lora_config.target_modules)}; "
             f"{args.steps} steps of {args.grad_accum * world} notes")
@@ -307,21 +356,37 @@ def main(argv=None, prog: str = "train.py") -> None:
             dist.destroy_process_group()
 
 
-def predicted_answers(args, model, tokenizer, concept_set, notes, rank, log):
-    """(PredictedAnswers, its meta) for --concept-answers predicted: rank 0 scores the notes the run folder's
+def scored_notes(args, config: PipelineConfig, model, tokenizer, concept_set, notes, rank, log, why: str):
+    """note id -> P(yes) of every concept from config's concept adapter: rank 0 scores the notes the run folder's
     score cache lacks, the other ranks then read them."""
-    config = PipelineConfig(base_model=str(args.model), concept_set=concept_set.name,
-                            concept_adapter=str(Path(args.concept_adapter).resolve()), k=args.k, m=args.m,
-                            sampling=args.label_sampling, concept_threshold=args.concept_threshold,
-                            seed=args.seed)
     if rank == 0:
-        log(f"concept answers: scoring {len(notes)} notes with {args.concept_adapter} (cached in "
+        log(f"{why}: scoring {len(notes)} notes with {config.concept_adapter} (cached in "
             f"{Path(args.out) / SCORES_FILE})")
         probs = score_notes(model, tokenizer, concept_set, config, notes, args.out, not args.no_progress)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     if rank != 0:
         probs = score_notes(model, tokenizer, concept_set, config, notes, args.out, False)
+    return probs
+
+
+def hard_negatives(args, model, tokenizer, concept_set, notes, rank, log) -> HardNegatives:
+    """The drawer of --related-negatives / --confused-negatives; the confused ones need every note scored."""
+    probs = None
+    if args.confused_negatives:
+        config = PipelineConfig(base_model=str(args.model), concept_set=concept_set.name,
+                                concept_adapter=str(Path(args.confused_from).resolve()))
+        probs = scored_notes(args, config, model, tokenizer, concept_set, notes, rank, log, "confused negatives")
+    return HardNegatives(concept_set, args.related_negatives, args.confused_negatives, probs)
+
+
+def predicted_answers(args, model, tokenizer, concept_set, notes, rank, log):
+    """(PredictedAnswers, its meta) for --concept-answers predicted."""
+    config = PipelineConfig(base_model=str(args.model), concept_set=concept_set.name,
+                            concept_adapter=str(Path(args.concept_adapter).resolve()), k=args.k, m=args.m,
+                            sampling=args.label_sampling, concept_threshold=args.concept_threshold,
+                            seed=args.seed)
+    probs = scored_notes(args, config, model, tokenizer, concept_set, notes, rank, log, "concept answers")
     meta = {"concept_answers": "predicted", "concept_adapter": config.concept_adapter,
             "concept_adapter_sha256": adapter_hash(config.adapter("concept")), "sampling": config.sampling,
             "concept_threshold": config.concept_threshold, "max_note_tokens": config.max_note_tokens}

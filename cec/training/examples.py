@@ -1,8 +1,8 @@
 """Training examples with pseudo-labels, as the paper builds them (Sec. 3.3, 3.4, App. C); one prefix per note.
 
 What each stage asks and how its pseudo-labels are drawn is the stage's (cec.coding.stages.Stage.draw), or for
-label questions with the concept model's answers cec.training.concept_answers'; here a note's examples are put
-together, shuffled and capped.
+label questions with the concept model's answers cec.training.concept_answers', for concept questions with hard
+negatives cec.training.hard_negatives'; here a note's examples are put together, shuffled and capped.
 
 Deterministic: each note draws from its own random.Random seeded by (seed, epoch, note id), so the examples of
 a note do not depend on the order of notes, the process (DDP rank) building them, or on the other notes.
@@ -57,14 +57,15 @@ def note_rng(seed: int, epoch: int, note_id: str) -> random.Random:
 
 
 def build_examples(stage: Stage, note: dict, concept_set, seed: int = 0, epoch: int = 0,
-                   opts: ExampleOptions | None = None, answers=None) -> NoteExamples:
+                   opts: ExampleOptions | None = None, drawer=None) -> NoteExamples:
     """The examples of one note for one stage, in a shuffled order; the same (seed, epoch, note) gives the same.
-    answers: a label stage's questions show these concept answers instead of pseudo answers
-    (cec.training.concept_answers.PredictedAnswers)."""
+    drawer: draws them instead of the stage, from what it knows of the note: a label stage's questions with the
+    concept model's answers (cec.training.concept_answers.PredictedAnswers), or a concept stage's with hard
+    negatives (cec.training.hard_negatives.HardNegatives)."""
     opts = opts or ExampleOptions()
     rng = note_rng(seed, epoch, note["id"])
-    if answers is not None:
-        items = answers.draw(stage, note, rng, opts, epoch)
+    if drawer is not None:
+        items = drawer.draw(stage, note, rng, opts, epoch)
     else:
         items = stage.draw(note, concept_set, rng, opts)
     order = list(range(len(items)))
