@@ -111,11 +111,15 @@ def files(tmp_path_factory):
 
 def test_confused_run_scores_once_records_the_option_and_resumes(files, tmp_path, capsys):
     out = tmp_path / "run"
+    write_notes(tmp_path / "dev.jsonl", [{**n, "id": "dev-" + n["id"]} for n in tiny_notes(2)])
     a = common(files, out) + ["--stage", "concept", "--steps", "2", "--confused-negatives", "1",
-                              "--confused-from", str(files / "concept"), "--related-negatives", "0.5"]
+                              "--confused-from", str(files / "concept"), "--related-negatives", "0.5",
+                              "--dev", str(tmp_path / "dev.jsonl"), "--eval-every", "1"]  # dev: unscored
     train.main(a + ["--stop-at", "1"])
     scores = (out / SCORES_FILE).read_text()
     assert sorted(json.loads(line)["id"] for line in scores.splitlines()) == ["n0", "n1", "n2"]
+    logged = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert any("dev_loss" in r for r in logged)
     changed = [x if x != "0.5" else "1" for x in a] + ["--resume"]
     code, line = run_main(changed, capsys)
     assert code == 2 and "other hard negatives" in line

@@ -330,8 +330,11 @@ def main(argv=None, prog: str = "train.py") -> None:
                               false_ratio=args.false_ratio, min_false=args.min_false,
                               max_questions=args.max_questions)
 
-        def make_examples(note, epoch):
-            return build_examples(stage, note, concept_set, seed=args.seed, epoch=epoch, opts=opts, drawer=drawer)
+        scored = {n["id"] for n in notes}
+
+        def make_examples(note, epoch):  # dev notes have no concept scores: they get the stage's own examples
+            own = drawer if note["id"] in scored else None
+            return build_examples(stage, note, concept_set, seed=args.seed, epoch=epoch, opts=opts, drawer=own)
 
         config = TrainConfig(steps=args.steps, lr=args.lr, warmup=args.warmup, schedule=args.schedule,
                              grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm,
