@@ -15,8 +15,8 @@ from cec.data import write_notes
 from cec.training.concept_answers import SCORES_FILE
 from cec.training.examples import ExampleOptions, build_examples, note_rng
 from cec.training.hard_negatives import HardNegatives
-from test_predicted_answers import common, run_main
-from tiny_train import save_tiny_model, tiny_concept_set, tiny_notes
+from test_predicted_answers import common, files, run_main  # noqa: F401 (files: a fixture)
+from tiny_train import tiny_concept_set, tiny_notes
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -98,17 +98,7 @@ def test_hard_negatives_come_on_top_of_the_papers_random_ones():
         assert len(hard) > len(paper) and len(set(hard.keys)) == len(hard.keys)
 
 
-# -- the CLI ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("hard")
-    save_tiny_model(d / "model", "gemma3")
-    tiny_concept_set().save(d / "cs.json")
-    write_notes(d / "train.jsonl", tiny_notes(3))
-    train.main(common(d, d / "concept") + ["--stage", "concept", "--steps", "1"])
-    return d
-
-
+# -- the CLI (files: test_predicted_answers' tiny model, concept set, notes and concept adapter) -------------
 def test_confused_run_scores_once_records_the_option_and_resumes(files, tmp_path, capsys):
     out = tmp_path / "run"
     write_notes(tmp_path / "dev.jsonl", [{**n, "id": "dev-" + n["id"]} for n in tiny_notes(2)])

@@ -48,7 +48,8 @@ class HardNegatives:
     def related(self, note: dict) -> list[list[int]]:
         """Concept ids of the false codes related to the note's true codes, in groups by the depth of the
         deepest ancestor they share with one of them, deepest first (category, block, chapter for ICD-10-CM)."""
-        true = [c for c in self.cs.codes if c in set(note["labels"])]
+        labels = set(note["labels"])
+        true = [c for c in self.cs.codes if c in labels]
         shared = {a: depth for c in true for a, depth in self.ancestors[c].items()}
         groups: dict[int, list[int]] = {}
         for code in self.cs.codes:
