@@ -63,6 +63,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="Markdown table to write")
     ap.add_argument("--fit-out", help="write the bottleneck fitted on all scored notes here (JSON)")
+    ap.add_argument("--fit-direct", action="store_true",
+                    help="the --fit-out bottleneck also reads the direct-FT question (every note needs its scores)")
     args = ap.parse_args(argv)
 
     setup = resolve_setup(args.pipeline)
@@ -88,12 +90,14 @@ def main(argv=None):
             _, scores, _ = tfidf_scores(train, [notes[i] for i in tune], notes, cs.codes, tfidf_cache)
             return score_system(scores, y, calibrate=False)(tune)
         rows["TF-IDF + LR (one-vs-rest)"] = (tfidf, everyone)
+    scored = {}  # system key -> ([notes, codes] scores, mask of the notes that have them)
     for s, name in ((LLM_SYSTEMS[2], "Direct coding w/o FT"), (LLM_SYSTEMS[1], "Direct coding w/ FT"),
                     (LLM_SYSTEMS[0], "CEC, label LLM, k=5 (pseudo answers)")):
         have = np.array([cache.get(s.key, keys[s.key], n) is not None for n in notes])
         if have.sum() >= 10:
             scores = np.zeros(y.shape)
             scores[have] = cached(cache, (s.key, keys[s.key]), [n for n, h in zip(notes, have) if h])
+            scored[s.key] = scores, have
             rows[name + " (raw)"] = (score_system(scores, y, calibrate=False), have)
             rows[name + " (calibrated)"] = (score_system(scores, y), have)
     leaf = leaf_view(cs)
@@ -101,6 +105,10 @@ def main(argv=None):
     rows["Concept mean, leaf concepts"] = (score_system(mean_of(leaf.concept_ids), y), everyone)
     rows["Concept bottleneck (linear stage 2)"] = (bottleneck_system(cs, concept_p, y), everyone)
     rows["Concept bottleneck, per-code thresholds"] = (bottleneck_system(cs, concept_p, y), everyone)
+    direct_ft = scored.get(LLM_SYSTEMS[1].key)
+    if direct_ft is not None:
+        rows["Concept bottleneck + direct-FT question"] = (
+            bottleneck_system(cs, concept_p, y, direct_p=direct_ft[0]), direct_ft[1])
 
     results = []
     for name, (system, mask) in rows.items():
@@ -120,12 +128,19 @@ def main(argv=None):
                "protocol": "two-fold over the scored dev notes: calibration (Platt), threshold (micro-F1) and "
                            "bottleneck weights fitted on one half, reported on the other, both ways; pooled"}
     if args.fit_out:
-        model = Bottleneck.fit(cs, concept_p, y)
-        oof = Bottleneck.out_of_fold(cs, concept_p, y, l2=model.l2)
+        direct_p = None
+        if args.fit_direct:
+            if direct_ft is None or not direct_ft[1].all():
+                raise DataError(f"--fit-direct: not every note of {args.notes} has direct-FT scores in {args.cache} "
+                                "(scripts/evaluate.py --systems direct-ft)")
+            direct_p = direct_ft[0]
+        model = Bottleneck.fit(cs, concept_p, y, direct_p=direct_p)
+        oof = Bottleneck.out_of_fold(cs, concept_p, y, l2=model.l2, direct_p=direct_p)
         cal = Platt.fit(oof, y)
         model.save(args.fit_out)
         payload["fitted"] = {"bottleneck": args.fit_out, "l2": model.l2, "calibration": cal.to_json(),
-                             "threshold": tune_threshold(y, cal(oof)), "notes": len(notes)}
+                             "threshold": tune_threshold(y, cal(oof)), "notes": len(notes),
+                             "direct": model.direct}
     print(json.dumps(payload, indent=1))
     if args.out:
         atomic_write_text(args.out, render(payload))

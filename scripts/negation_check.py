@@ -101,8 +101,9 @@ def code_probability(pipe, text: str, code: str) -> float:
     if pipe.bottleneck is not None:
         own = cs.concept_ids(code)
         full = torch.zeros(len(cs.concepts))
-        full[own] = pipe.concept_probs(pipe.fit_note(text), own)
-        p = pipe.bottleneck.probs(full)[j]
+        fitted = pipe.fit_note(text)
+        full[own] = pipe.concept_probs(fitted, own)
+        p = pipe.bottleneck.probs(full, pipe.bottleneck_direct(fitted))[j]
         return float(pipe.calibration(p) if pipe.calibration is not None else p)
     return next(c["probability"] for c in code_list(pipe.code_note(text), pipe) if c["code"] == code)
 

@@ -59,6 +59,31 @@ def test_bottleneck_file_round_trips_and_refuses_another_code_set(cs, tmp_path):
         Bottleneck.load(tmp_path / "bad.json", cs)
 
 
+def test_bottleneck_reads_the_direct_question_when_fitted_with_it(cs, tmp_path):
+    p, y = synthetic(cs)
+    rng = np.random.default_rng(1)
+    p[:] = rng.uniform(0.01, 0.4, size=p.shape)  # the concepts carry no signal; the direct question does
+    direct = np.where(y, rng.uniform(0.7, 0.95, size=y.shape), rng.uniform(0.05, 0.5, size=y.shape))
+    plain = Bottleneck.fit(cs, p[:60], y[:60], l2=1.0)
+    model = Bottleneck.fit(cs, p[:60], y[:60], l2=1.0, direct_p=direct[:60])
+    from cec.evaluation.metrics import micro_auc
+
+    assert plain.direct is None and model.direct > 0
+    assert micro_auc(y[60:], model.probs(p[60:], direct[60:]).numpy()) > 0.9
+    assert micro_auc(y[60:], plain.probs(p[60:]).numpy()) < 0.75
+    z = model.logits(p[0], direct[0])
+    for j in range(len(cs.codes)):
+        total = sum(model.contributions(p[0], j).values()) + model.bias[j] + model.direct_term(direct[0], j)
+        assert total == pytest.approx(float(z[j]), abs=1e-9)
+    with pytest.raises(ValueError, match="direct question"):
+        model.probs(p[0])
+    model.save(tmp_path / "b.json")
+    again = Bottleneck.load(tmp_path / "b.json", cs)
+    assert again.direct == model.direct and torch.equal(again.probs(p, direct), model.probs(p, direct))
+    plain.save(tmp_path / "plain.json")
+    assert "direct" not in json.loads((tmp_path / "plain.json").read_text())
+
+
 def test_out_of_fold_predictions_never_see_their_note(cs):
     p, y = synthetic(cs, n=30)
     oof = Bottleneck.out_of_fold(cs, p, y, folds=3, l2=1.0)
@@ -152,3 +177,53 @@ def test_pipeline_with_a_linear_stage_2(cs, tmp_path):
     (tmp_path / "cec_pipeline.json").write_text(json.dumps({"label_stage": "tree"}))
     with pytest.raises(DataError, match="label_stage"):
         CECPipeline.load(tmp_path)
+
+
+def test_pipeline_whose_linear_stage_also_reads_the_direct_question(cs, tmp_path):
+    from tiny_train import random_lora_, save_tiny_model
+
+    from cec.coding.attribution import attribute, concept_drops, direct_question_drops, note_sentences
+    from cec.coding.output import code_list
+    from cec.coding.pipeline import CECPipeline, share_base
+    from cec.engine.lora import inject_lora, save_adapter
+    from cec.engine.weights import load_model
+
+    save_tiny_model(tmp_path / "model")
+    cs.save(tmp_path / "concepts.json")
+    model, _ = load_model(tmp_path / "model")
+    twin = share_base(model)
+    lora = inject_lora(twin, r=4, alpha=8)
+    random_lora_(twin, seed=3, scale=0.3)
+    save_adapter(twin, tmp_path / "direct", lora, meta={"concept_set_codes": cs.codes})
+    p, y = synthetic(cs)
+    direct = np.clip(p[:, :len(cs.codes)] + 0.3 * y, 0.01, 0.99)
+    Bottleneck.fit(cs, p, y, l2=1.0, direct_p=direct).save(tmp_path / "bottleneck.json")
+    raw = {"base_model": str(tmp_path / "model"), "concept_set": str(tmp_path / "concepts.json"), "threshold": 0.0,
+           "label_stage": "linear", "bottleneck": "bottleneck.json", "k": 3}
+    (tmp_path / "cec_pipeline.json").write_text(json.dumps(raw))
+    with pytest.raises(DataError, match="no direct_adapter"):
+        CECPipeline.load(tmp_path)
+    (tmp_path / "cec_pipeline.json").write_text(json.dumps({**raw, "direct_adapter": "direct"}))
+    torch.set_num_threads(1)
+    pipe = CECPipeline.load(tmp_path)
+    note = "Fever and chills.\nHigh blood pressure.\n"
+    result = pipe.code_note(note)
+    # the direct question is asked of the direct adapter, as direct coding asks it
+    alone = CECPipeline.load(tmp_path, direct=True)
+    assert torch.allclose(result.direct_probs, alone.direct_probs(note, fine_tuned=True), atol=1e-6)
+    assert not torch.allclose(result.direct_probs, alone.direct_probs(note, fine_tuned=False), atol=1e-3)
+    expected = pipe.bottleneck.probs(result.concept_probs, result.direct_probs)
+    assert result.code_probs.tolist() == pytest.approx(expected.tolist(), abs=1e-12)
+    assert result.timing["questions"] == len(pipe.concept_questions) + len(cs.codes)
+    for j, c in enumerate(sorted(code_list(result, pipe), key=lambda c: cs.codes.index(c["code"]))):
+        assert c["direct_question"]["probability"] == pytest.approx(float(result.direct_probs[j]), abs=1e-6)
+        assert c["direct_question"]["contribution"] == pytest.approx(
+            pipe.bottleneck.direct_term(result.direct_probs, j), abs=1e-4)
+    # a sentence's score adds the drop of the direct question, times its weight
+    spans = note_sentences(note)
+    _, ids, _, scores = attribute(pipe, note, result, [0], per_code=None)
+    coef = pipe.bottleneck.coefficients(result.concept_probs, 0)
+    want = (torch.tensor([float(coef[i]) for i in ids]) @ concept_drops(pipe, note, ids, spans)
+            + pipe.bottleneck.direct * direct_question_drops(pipe, note, [0], spans)[0])
+    assert (scores[0] - want).abs().max().item() < 1e-4
+    assert direct_question_drops(pipe, note, [0], spans).abs().max() > 0

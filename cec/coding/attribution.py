@@ -10,7 +10,8 @@ the stage shares ("### Question: Is the note above relevant with the concept '")
 note.
 
 A code's sentence score is sum_i w_i * drop_i over its concepts (evidence_weights), plus the drop of the code's
-own stage-2 question while stage 2 is the label LLM. For a linear concept bottleneck (code logit =
+own stage-2 question while stage 2 is the label LLM, or the drop of its direct question (times its weight) while
+a linear stage 2 reads one. For a linear concept bottleneck (code logit =
 b + sum_i w_i * logit(p_i)) the concept part is the drop of the code's logit carried by the concepts asked.
 Which concepts are asked: the PER_CODE of each code whose term has the most room to fall, w_i * (x_i + CLIP)
 with w_i > 0 (a Yes concept at x = +6 can fall by 14, a No at -6 by 2); per_code=None asks all of them (exact;
@@ -135,6 +136,14 @@ def code_question_drops(pipe, text: str, result, code_indices: list[int], spans)
                  [questions[j] for j in code_indices], ranges)
 
 
+def direct_question_drops(pipe, text: str, code_indices: list[int], spans) -> torch.Tensor:
+    """[len(code_indices), len(spans)] drops of the codes' direct-FT questions (direct prefix) per hidden sentence."""
+    prefix, ranges = _prefix(pipe, "direct", text, spans)
+    scorer = pipe.direct_scorers[True]
+    return drops(scorer, prefix, scorer.shared_len(pipe.direct_questions),
+                 [pipe.direct_questions[j] for j in code_indices], ranges)
+
+
 def evidence_weights(pipe, result, code_index: int) -> dict[int, float]:
     """The weight of each concept in code `code_index`'s (index into pipe.cs.codes) answer: the linear stage's
     coefficients, or with the label LLM 1.0 for each of its own concepts shown to stage 2 and answered Yes. The
@@ -177,6 +186,8 @@ def attribute(pipe, text: str, result, code_indices: list[int], spans=None, per_
     scores = w @ cdrops
     if stage2_is_llm(pipe) and code_indices:
         scores = scores + code_question_drops(pipe, text, result, code_indices, spans)
+    if getattr(result, "direct_probs", None) is not None and code_indices:
+        scores = scores + pipe.bottleneck.direct * direct_question_drops(pipe, text, code_indices, spans)
     return spans, concept_ids, cdrops, scores
 
 

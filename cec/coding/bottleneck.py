@@ -7,6 +7,9 @@ For code c with own concepts i (parent and leaf level), x_i = logit(P(yes) of co
 
 The three pooled weights `a` are shared by all codes (codes with few positives borrow strength from the rest);
 the per-concept weights w_ci and the per-code biases b_c are shrunk by L2 towards 0 and towards the mean bias.
+With a direct question (`direct`, optional), z_c also gets a_direct * logit(P(yes) of code c's direct question,
+asked with the direct adapter, cec.coding.stages.DIRECT): one more shared weight, the fine-tuned direct coder's
+answer read as one more piece of evidence beside the concepts.
 P(c) = sigmoid(z_c). The logit decomposes exactly into one term per own concept plus the bias
 (`contributions`), which is the evidence a coder reads: which concepts pushed the code up or down.
 Fitted full-batch with L-BFGS on [notes, concepts] probabilities and [notes, codes] labels; the L2 strength
@@ -44,22 +47,33 @@ class Bottleneck:
     weights: list[np.ndarray]  # per code: one weight per own concept
     l2: float = 1.0
     concept_texts: list[str] | None = None  # for a readable file; checked against the concept set on load
+    direct: float | None = None  # weight of the direct question's logit; None: the bottleneck does not read it
 
     # -- scoring ------------------------------------------------------------------------------------------
     def _pool(self, x: torch.Tensor, j: int) -> torch.Tensor:
         own, leaf = x[..., self.own[j]], x[..., self.leaf[j] or self.own[j]]
         return torch.stack([leaf.mean(-1), own.mean(-1), own.max(-1).values], -1)
 
-    def logits(self, concept_p) -> torch.Tensor:
-        """[..., concepts] probabilities -> [..., codes] logits."""
+    def logits(self, concept_p, direct_p=None) -> torch.Tensor:
+        """[..., concepts] probabilities (and [..., codes] direct-question probabilities, when the bottleneck
+        reads them) -> [..., codes] logits."""
         x = concept_logits(concept_p)
         pooled = torch.as_tensor(self.pooled)
         cols = [self.bias[j] + self._pool(x, j) @ pooled + x[..., self.own[j]] @ torch.as_tensor(self.weights[j])
                 for j in range(len(self.codes))]
-        return torch.stack(cols, -1)
+        z = torch.stack(cols, -1)
+        if self.direct is not None:
+            if direct_p is None:
+                raise ValueError("this bottleneck also reads the direct question: pass its probabilities")
+            z = z + self.direct * concept_logits(direct_p)
+        return z
 
-    def probs(self, concept_p) -> torch.Tensor:
-        return torch.sigmoid(self.logits(concept_p)).float()
+    def probs(self, concept_p, direct_p=None) -> torch.Tensor:
+        return torch.sigmoid(self.logits(concept_p, direct_p)).float()
+
+    def direct_term(self, direct_p, j: int) -> float:
+        """The direct question's term of code j's logit (0 when the bottleneck does not read it)."""
+        return 0.0 if self.direct is None else self.direct * float(concept_logits(direct_p)[..., j])
 
     def coefficients(self, concept_p, j: int) -> dict[int, float]:
         """Concept id -> d(code j's logit) / d(its x_i) at these probabilities (the max term goes to the argmax)."""
@@ -78,31 +92,40 @@ class Bottleneck:
 
     # -- fitting ------------------------------------------------------------------------------------------
     @classmethod
-    def fit(cls, cs, concept_p, y, l2: float | None = None, folds: int = 5, seed: int = 0) -> "Bottleneck":
-        """Fit on [notes, concepts] stage-1 probabilities and [notes, codes] 0/1 labels (cs.codes order).
+    def fit(cls, cs, concept_p, y, l2: float | None = None, folds: int = 5, seed: int = 0,
+            direct_p=None) -> "Bottleneck":
+        """Fit on [notes, concepts] stage-1 probabilities and [notes, codes] 0/1 labels (cs.codes order), and
+        with direct_p ([notes, codes] direct-question probabilities) a bottleneck that also reads those.
         l2=None: chosen from L2_GRID by `folds`-fold cross-validation (log-loss) over these notes."""
         x, y = concept_logits(concept_p), torch.as_tensor(np.asarray(y), dtype=torch.float64)
+        xd = None if direct_p is None else concept_logits(direct_p)
         if x.shape[0] != y.shape[0] or y.shape[1] != len(cs.codes):
             raise DataError(f"bottleneck: {x.shape[0]} notes of concept scores but labels of shape {tuple(y.shape)}")
+        if xd is not None and xd.shape != y.shape:
+            raise DataError(f"bottleneck: direct-question scores of shape {tuple(xd.shape)}, labels {tuple(y.shape)}")
         own = [cs.concept_ids(c) for c in cs.codes]
         leaf = [list(cs.leaf_ids.get(c, [])) for c in cs.codes]
         if l2 is None:
-            l2 = min(L2_GRID, key=lambda lam: cls._cv_loss(own, leaf, x, y, lam, folds, seed))
-        pooled, bias, weights = cls._fit(own, leaf, x, y, l2)
-        return cls(list(cs.codes), own, leaf, pooled, bias, weights, l2, [c.text for c in cs.concepts])
+            l2 = min(L2_GRID, key=lambda lam: cls._cv_loss(own, leaf, x, y, lam, folds, seed, xd))
+        pooled, bias, weights, direct = cls._fit(own, leaf, x, y, l2, xd)
+        return cls(list(cs.codes), own, leaf, pooled, bias, weights, l2, [c.text for c in cs.concepts], direct)
 
     @classmethod
-    def out_of_fold(cls, cs, concept_p, y, folds: int = 5, seed: int = 0, l2: float | None = None) -> np.ndarray:
+    def out_of_fold(cls, cs, concept_p, y, folds: int = 5, seed: int = 0, l2: float | None = None,
+                    direct_p=None) -> np.ndarray:
         """[notes, codes] probabilities, each note's from a model fitted on the other folds (for calibrating and
         tuning a threshold on the same notes the final model is fitted on)."""
         x, y_t = np.asarray(concept_p), np.asarray(y)
+        d = None if direct_p is None else np.asarray(direct_p)
         out = np.zeros(y_t.shape, dtype=np.float64)
         for train, held in _folds(len(x), folds, seed):
-            out[held] = cls.fit(cs, x[train], y_t[train], l2=l2, folds=folds, seed=seed).probs(x[held]).numpy()
+            model = cls.fit(cs, x[train], y_t[train], l2=l2, folds=folds, seed=seed,
+                            direct_p=None if d is None else d[train])
+            out[held] = model.probs(x[held], None if d is None else d[held]).numpy()
         return out
 
     @staticmethod
-    def _fit(own, leaf, x, y, l2):
+    def _fit(own, leaf, x, y, l2, xd=None):
         n, codes = y.shape
         sizes = [len(o) for o in own]
         flat = torch.cat([torch.as_tensor(o) for o in own])
@@ -114,12 +137,16 @@ class Bottleneck:
         a = torch.zeros(3, dtype=torch.float64, requires_grad=True)
         b = prior.clone().requires_grad_(True)
         w = torch.zeros(len(flat), dtype=torch.float64, requires_grad=True)
-        opt = torch.optim.LBFGS([a, b, w], lr=1, max_iter=150, tolerance_grad=1e-7, tolerance_change=1e-10,
+        d = torch.zeros((), dtype=torch.float64, requires_grad=True)  # the direct question's weight (if read)
+        params = [a, b, w] + ([d] if xd is not None else [])
+        opt = torch.optim.LBFGS(params, lr=1, max_iter=150, tolerance_grad=1e-7, tolerance_change=1e-10,
                                 line_search_fn="strong_wolfe")
 
         def closure():
             opt.zero_grad()
             z = b + pooled_x @ a + torch.zeros(n, codes, dtype=torch.float64).index_add(1, owner, xo * w)
+            if xd is not None:
+                z = z + d * xd
             loss = torch.nn.functional.binary_cross_entropy_with_logits(z, y, reduction="sum") / n
             loss = loss + l2 * (w.square().sum() + (b - b.mean()).square().sum()) / n
             loss.backward()
@@ -127,15 +154,16 @@ class Bottleneck:
 
         opt.step(closure)
         split = torch.split(w.detach(), sizes)
-        return a.detach().numpy(), b.detach().numpy(), [s.numpy() for s in split]
+        return (a.detach().numpy(), b.detach().numpy(), [s.numpy() for s in split],
+                None if xd is None else float(d.detach()))
 
     @classmethod
-    def _cv_loss(cls, own, leaf, x, y, l2, folds, seed) -> float:
+    def _cv_loss(cls, own, leaf, x, y, l2, folds, seed, xd=None) -> float:
         total = 0.0
         for train, held in _folds(x.shape[0], folds, seed):
-            a, b, w = cls._fit(own, leaf, x[train], y[train], l2)
-            model = cls([""] * y.shape[1], own, leaf, a, b, w, l2)
-            z = model.logits(torch.sigmoid(x[held]))
+            a, b, w, d = cls._fit(own, leaf, x[train], y[train], l2, None if xd is None else xd[train])
+            model = cls([""] * y.shape[1], own, leaf, a, b, w, l2, direct=d)
+            z = model.logits(torch.sigmoid(x[held]), None if xd is None else torch.sigmoid(xd[held]))
             total += float(torch.nn.functional.binary_cross_entropy_with_logits(z, y[held], reduction="sum"))
         return total
 
@@ -147,8 +175,10 @@ class Bottleneck:
                                    "level": "leaf" if i in set(self.leaf[j]) else "parent"}
                                   for i, w in zip(self.own[j], self.weights[j])]}
                  for j, c in enumerate(self.codes)}
+        direct = {} if self.direct is None else {"direct": self.direct}
         atomic_write_json(Path(path), {"format": "cec-bottleneck-1", "clip": CLIP, "l2": self.l2,
-                                       "pooled": dict(zip(POOLED, map(float, self.pooled))), "codes": codes})
+                                       "pooled": dict(zip(POOLED, map(float, self.pooled))), **direct,
+                                       "codes": codes})
 
     @classmethod
     def load(cls, path: str | Path, cs) -> "Bottleneck":
@@ -171,12 +201,13 @@ class Bottleneck:
                 weights.append(np.array([float(e["weight"]) for e in entry["concepts"]]))
                 bias.append(float(entry["bias"]))
             pooled = np.array([float(d["pooled"][k]) for k in POOLED])
+            direct = None if d.get("direct") is None else float(d["direct"])
         except FileNotFoundError:
             raise DataError(f"{path}: no such concept-bottleneck file") from None
         except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
             raise DataError(f"{path}: malformed concept-bottleneck file ({type(e).__name__}: {e})") from None
         return cls(list(cs.codes), own, leaf, pooled, np.array(bias), weights, float(d.get("l2", 1.0)),
-                   [c.text for c in cs.concepts])
+                   [c.text for c in cs.concepts], direct)
 
 
 def _folds(n: int, folds: int, seed: int):

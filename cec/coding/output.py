@@ -4,6 +4,8 @@
      "evidence": [{"concept", "level", "probability", "role"}]}], "timing": {"prefix_tokens", "questions",
      "seconds"}, "truncation"?: {"note_tokens", "kept_tokens", "kept_percent"}}
 
+With a linear stage 2 that reads the fine-tuned direct question beside the concepts, each code also has
+"direct_question": {"probability", "contribution"} (its P(yes) and its term of the code's logit).
 "role" is "own" for a concept of the code's own set and "outside" for a predicted-negative concept from outside
 it; "truncation" is there only when the note was cut to the token budget; "not_read": [{"start", "end", "text",
 "kind"}] only when negation handling blanked clauses (kind: negated, past, family). Codes are sorted by probability.
@@ -47,6 +49,10 @@ def code_list(result, pipeline) -> list[dict]:
     codes = [{"code": code, "description": cs.descriptions[code],
               "probability": round(float(result.code_probs[j]), DIGITS), "predicted": result.predicted[j],
               "evidence": evidence[j]} for j, code in enumerate(cs.codes)]
+    if result.direct_probs is not None:
+        for j, c in enumerate(codes):
+            c["direct_question"] = {"probability": round(float(result.direct_probs[j]), DIGITS),
+                                    "contribution": round(pipeline.bottleneck.direct_term(result.direct_probs, j), 4)}
     codes.sort(key=lambda c: -c["probability"])
     return codes
 

@@ -243,6 +243,7 @@ class NoteResult:
     timing: dict  # prefix_tokens, questions, seconds, concept_seconds, label_seconds
     truncation: dict | None = None  # {"note_tokens", "kept_tokens", "kept_percent"} when the note was cut to fit
     not_read: list | None = None  # negation.Blanked spans the model was not given (negation "on")
+    direct_probs: torch.Tensor | None = None  # the direct-FT question per code, when the linear stage reads it
 
 
 class CECPipeline:
@@ -306,12 +307,16 @@ class CECPipeline:
         cs = concept_set or load_concept_set(config.concept_set)
         linear = config.label_stage == "linear"
         bottleneck = Bottleneck.load(config.bottleneck, cs) if linear else None
+        reads_direct = bottleneck is not None and bottleneck.direct is not None
+        if reads_direct and not config.direct_adapter:
+            raise DataError(f"{config.bottleneck}: the concept bottleneck reads the direct question, but the "
+                            "pipeline has no direct_adapter")
         # twins first: each is the base model until its own adapter goes in
         label_model = None if linear else share_base(model)
         direct_models = {False: share_base(model)} if direct else {}
-        if direct and config.direct_adapter:
+        if (direct or reads_direct) and config.direct_adapter:
             direct_models[True] = share_base(model)
-        concept_model = share_base(model) if direct else model
+        concept_model = share_base(model) if direct_models else model
         for m, stage in ((concept_model, "concept"), (label_model, "label"), (direct_models.get(True), "direct")):
             if m is not None and config.adapter(stage):
                 load_stage_adapter(m, config.adapter(stage), stage, cs, fold)
@@ -392,6 +397,13 @@ class CECPipeline:
         prefix = prefix_ids(self.tokenizer, self.stages["direct"].prefix(text))
         return torch.sigmoid(self.direct_scorers[fine_tuned].score(prefix, self.direct_questions))
 
+    def bottleneck_direct(self, text: str) -> torch.Tensor | None:
+        """The direct-FT question's P(yes) per code that the linear stage 2 reads beside the concepts (the fitted
+        note); None when it reads none."""
+        if self.bottleneck is None or self.bottleneck.direct is None:
+            return None
+        return self.direct_probs(text, fine_tuned=True)
+
     # -- the whole note -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def code_note(self, text: str, note_id: str | None = None) -> NoteResult:
@@ -405,9 +417,10 @@ class CECPipeline:
         text, truncation = self.fit_note_info(text, not_read)
         concept_p = self.concept_probs(text)
         t1 = time.perf_counter()
+        direct_p = self.bottleneck_direct(text)
         if self.bottleneck is not None:
-            shown, code_p = None, self.bottleneck.probs(concept_p)
-            questions = len(self.concept_questions)
+            shown, code_p = None, self.bottleneck.probs(concept_p, direct_p)
+            questions = len(self.concept_questions) + (0 if direct_p is None else len(self.direct_questions))
         else:
             shown = shown_concepts(cfg, cs, concept_p, note_id)
             code_p = self.code_probs(text, concept_p, [(shown, cs)])[0]
@@ -418,4 +431,4 @@ class CECPipeline:
         timing = {"prefix_tokens": self.concept_prefix_tokens, "questions": questions, "seconds": t2 - t0,
                   "concept_seconds": t1 - t0, "label_seconds": t2 - t1}
         predicted = [p >= cfg.threshold for p in code_p.tolist()]
-        return NoteResult(note_id, code_p, predicted, concept_p, shown, timing, truncation, not_read)
+        return NoteResult(note_id, code_p, predicted, concept_p, shown, timing, truncation, not_read, direct_p)

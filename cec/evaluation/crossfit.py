@@ -47,15 +47,17 @@ def score_system(scores: np.ndarray, y: np.ndarray, calibrate: bool = True):
 
 
 def bottleneck_system(cs, concept_p: np.ndarray, y: np.ndarray, calibrate: bool = True, folds: int = 5,
-                      l2: float | None = None):
-    """The concept bottleneck fitted on the tuning half; its threshold (and calibration) from out-of-fold
-    predictions on that half, so the tuning half is not scored by a model fitted on it."""
+                      l2: float | None = None, direct_p: np.ndarray | None = None):
+    """The concept bottleneck (reading the direct question too, with direct_p) fitted on the tuning half; its
+    threshold (and calibration) from out-of-fold predictions on that half, so the tuning half is not scored by a
+    model fitted on it."""
     def fit(tune):
-        model = Bottleneck.fit(cs, concept_p[tune], y[tune], l2=l2, folds=folds)
-        oof = Bottleneck.out_of_fold(cs, concept_p[tune], y[tune], folds=folds, l2=model.l2)
+        d = (lambda idx: None) if direct_p is None else (lambda idx: direct_p[idx])
+        model = Bottleneck.fit(cs, concept_p[tune], y[tune], l2=l2, folds=folds, direct_p=d(tune))
+        oof = Bottleneck.out_of_fold(cs, concept_p[tune], y[tune], folds=folds, l2=model.l2, direct_p=d(tune))
         cal = Platt.fit(oof, y[tune]) if calibrate else None
         apply = cal if cal else (lambda s: s)
-        return (lambda idx: apply(model.probs(concept_p[idx]).double().numpy())), apply(oof), cal
+        return (lambda idx: apply(model.probs(concept_p[idx], d(idx)).double().numpy())), apply(oof), cal
     return fit
 
 
