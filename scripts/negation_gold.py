@@ -11,6 +11,11 @@ A mention "falls in a blanked clause" when at least half of the characters of th
 are blanked (a line holds several findings, so a touch alone says little; `touched` counts those too). The cue
 is looked for in the Spanish words just before the mention and in the mention itself, and backward cues
 ("negativo", "descartado") just after it. --show N prints N blanked mentions of each kind to stderr, to check by eye.
+
+--cache SCORES (the dev score cache of scripts/evaluate.py, notes read with negation on; --pipeline the folder it
+was scored with) adds the concept bottleneck's two-fold figures (scripts/crossfit_eval.py's row) against all gold
+and without the gold (note, code) pairs whose every mention is blanked: what reading like a coder costs against
+CodiEsp's gold.
 """
 import argparse
 import json
@@ -28,6 +33,7 @@ from cec.cli import user_errors  # noqa: E402
 from cec.coding.attribution import note_sentences  # noqa: E402
 from cec.coding.negation import blanked_spans  # noqa: E402
 from cec.data import read_codes, read_notes  # noqa: E402
+from cec.evaluation.metrics import micro_f1, roc_auc  # noqa: E402
 
 NEG_BEFORE = {"no", "sin", "niega", "niegan", "negaba", "negó", "ausencia", "ni", "nunca", "tampoco", "descarta",
               "descartan", "descartó", "descartar", "exfumador", "exfumadora", "ex"}
@@ -65,6 +71,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--notes", required=True, help="dev notes JSONL (English), as prepare_codiesp.py writes them")
     ap.add_argument("--codes", required=True, help="the code list (codiesp50_codes.tsv)")
     ap.add_argument("--show", type=int, default=0, help="print this many blanked mentions of each kind to stderr")
+    ap.add_argument("--cache", help="dev score cache (scripts/evaluate.py): also the bottleneck with and without "
+                                    "the blanked gold pairs")
+    ap.add_argument("--pipeline", help="pipeline folder the cache was scored with (default: the shipped one)")
     args = ap.parse_args(argv)
     notes = read_notes(args.notes)
     mentions, figures = gold_mentions(args.src, notes, read_codes(args.codes))
@@ -105,8 +114,39 @@ def main(argv=None) -> dict:
            "notes_with_a_blank": sum(bool(b) for b in blanks.values()),
            "blanks_per_note": round(sum(map(len, blanks.values())) / max(1, len(notes)), 2)}
     out["blanked_share"] = {k: round(v / max(1, n), 4) for k, v in out["blanked"].items()}
+    if args.cache:
+        out["bottleneck"] = without_pairs(args, notes, {k for k, v in pairs_blanked.items() if v})
     print(json.dumps(out, indent=2))
     return out
+
+
+def without_pairs(args, notes, dropped: set) -> dict:
+    """The bottleneck's two-fold micro-AUC and micro-F1 over all gold, and with the `dropped` gold (note, code)
+    pairs left out (AUC: neither positive nor negative; F1: counted as not gold)."""
+    import numpy as np
+
+    from crossfit_eval import LLM_SYSTEMS, cached  # noqa: E402 -- scripts/, beside this file
+    from cec.errors import DataError
+    from cec.evaluation.crossfit import bottleneck_system, cross_fitted
+    from cec.evaluation.metrics import label_matrix
+    from cec.evaluation.score_cache import ScoreCache
+    from cec.evaluation.systems import CONCEPTS, fingerprints, resolve_setup
+
+    setup = resolve_setup(args.pipeline)
+    cs = setup.concept_set
+    key = fingerprints(setup, LLM_SYSTEMS, "cpu", None)[CONCEPTS]
+    concept_p = cached(ScoreCache(args.cache), (CONCEPTS, key), notes)
+    if concept_p is None:
+        raise DataError(f"{args.cache}: not every note of {args.notes} has stage-1 scores of this pipeline")
+    y = label_matrix([n["labels"] for n in notes], cs.codes)
+    probs, pred, _, _ = cross_fitted(bottleneck_system(cs, concept_p, y), y)
+    keep = np.ones(y.shape, dtype=bool)
+    for i, note in enumerate(notes):
+        for j, code in enumerate(cs.codes):
+            keep[i, j] = not (y[i, j] and (note["id"], code) in dropped)
+    return {"gold_pairs_left_out": int((~keep).sum()),
+            "micro_auc": roc_auc(y.ravel(), probs.ravel()), "micro_auc_without": roc_auc(y[keep], probs[keep]),
+            "micro_f1": micro_f1(y, pred), "micro_f1_without": micro_f1(y & keep, pred)}
 
 
 if __name__ == "__main__":

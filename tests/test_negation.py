@@ -189,3 +189,46 @@ def test_negation_gold_counts_blanked_gold_mentions_by_spanish_cue(shared_dir, t
     assert sum(out["blanked"].values()) + sum(out["cued_but_read"].values()) <= out["mentions"]
     assert out["mentions_with_spanish_cue"] >= sum(out["cued_but_read"].values())
     assert json.loads(capsys.readouterr().out) == out
+
+
+def test_negation_gold_scores_the_bottleneck_with_and_without_left_out_gold_pairs(tmp_path):
+    """negation_gold.without_pairs: the shipped pipeline's two-fold bottleneck over a score cache, against all gold
+    and with the given gold pairs left out (no ../shared: notes and stage-1 scores made up here)."""
+    import importlib.util
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "negation_gold.py"
+    spec = importlib.util.spec_from_file_location("negation_gold", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    import crossfit_eval  # scripts/ is on sys.path once negation_gold is loaded
+
+    from cec.evaluation.score_cache import ScoreCache
+    from cec.evaluation.systems import CONCEPTS, fingerprints, resolve_setup
+
+    setup = resolve_setup(None)
+    cs = setup.concept_set
+    key = fingerprints(setup, crossfit_eval.LLM_SYSTEMS, "cpu", None)[CONCEPTS]
+    rng = np.random.default_rng(0)
+    notes, cache = [], ScoreCache(tmp_path / "scores.jsonl")
+    for i in range(40):
+        labels = [c for c in cs.codes[:6] if rng.random() < 0.4]
+        note = {"id": f"n{i}", "text": f"note {i}", "labels": labels}
+        p = rng.uniform(0.01, 0.3, len(cs.concepts))
+        for c in labels:
+            p[cs.concept_ids(c)] = rng.uniform(0.5, 0.99, len(cs.concept_ids(c)))
+        cache.put(CONCEPTS, key, note, p.tolist())
+        notes.append(note)
+    cache.close()
+    args = SimpleNamespace(pipeline=None, cache=str(tmp_path / "scores.jsonl"), notes="dev.jsonl")
+    whole = mod.without_pairs(args, notes, set())
+    assert whole["gold_pairs_left_out"] == 0
+    assert whole["micro_auc_without"] == whole["micro_auc"] and whole["micro_f1_without"] == whole["micro_f1"]
+    gold = [(n["id"], c) for n in notes for c in n["labels"]]
+    dropped = set(gold[:5]) | {("n0", "not a code"), ("nobody", cs.codes[0])}  # pairs that are not gold count not
+    part = mod.without_pairs(args, notes, dropped)
+    assert part["gold_pairs_left_out"] == 5 and part["micro_auc"] == whole["micro_auc"]
+    assert part["micro_f1_without"] != whole["micro_f1"]

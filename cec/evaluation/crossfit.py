@@ -67,13 +67,13 @@ def bootstrap_micro_f1(y: np.ndarray, pred: np.ndarray, n: int = 1000, seed: int
     return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
 
 
-def two_fold(system, y: np.ndarray, seed: int = 0, per_code: bool = False) -> dict:
-    """Pooled cross-fitted metrics of one system. per_code: thresholds per code (tuned per code on the tuning
-    half, the global threshold for codes without a positive there)."""
+def cross_fitted(system, y: np.ndarray, seed: int = 0, per_code: bool = False):
+    """(probabilities [notes, codes], predictions, threshold per direction, micro-F1 per direction): each half
+    predicted by the system fitted on the other."""
     a, b = halves(len(y), seed)
     probs = np.zeros(y.shape, dtype=np.float64)
     pred = np.zeros(y.shape, dtype=bool)
-    directions, thresholds, tune_ece = [], [], []
+    directions, thresholds = [], []
     for tune, report in ((a, b), (b, a)):
         predict, tune_p, cal = system(tune)
         t = tune_threshold(y[tune], tune_p)
@@ -82,10 +82,15 @@ def two_fold(system, y: np.ndarray, seed: int = 0, per_code: bool = False) -> di
         pred[report] = probs[report] >= t_codes
         thresholds.append(t)
         directions.append(micro_f1(y[report], pred[report]))
-        tune_ece.append(expected_calibration_error(tune_p, y[tune]))
+    return probs, pred, thresholds, directions
+
+
+def two_fold(system, y: np.ndarray, seed: int = 0, per_code: bool = False) -> dict:
+    """Pooled cross-fitted metrics of one system. per_code: thresholds per code (tuned per code on the tuning
+    half, the global threshold for codes without a positive there)."""
+    probs, pred, thresholds, directions = cross_fitted(system, y, seed, per_code)
     pooled = evaluate(y, probs, 0.5)  # AUC and P@k do not depend on the threshold; F1 recomputed below
     low, high = bootstrap_micro_f1(y, pred)
-
     return {
         "micro_f1": micro_f1(y, pred), "micro_f1_ci95": [low, high], "macro_f1": macro_f1(y, pred),
         "micro_f1_directions": directions, "micro_f1_mean": float(np.mean(directions)),
