@@ -219,6 +219,9 @@ def test_pipeline_whose_linear_stage_also_reads_the_direct_question(cs, tmp_path
         assert c["direct_question"]["probability"] == pytest.approx(float(result.direct_probs[j]), abs=1e-6)
         assert c["direct_question"]["contribution"] == pytest.approx(
             pipe.bottleneck.direct_term(result.direct_probs, j), abs=1e-4)
+    from cec.coding.output import format_table, note_json
+
+    assert "; direct question " in format_table(note_json(result, note, pipe), result.timing)
     # a sentence's score adds the drop of the direct question, times its weight
     spans = note_sentences(note)
     _, ids, _, scores = attribute(pipe, note, result, [0], per_code=None)

@@ -98,6 +98,8 @@ def format_table(doc: dict, timing: dict, runners_up: int = 5, top_evidence: int
         for c in codes:
             yield f"  {c['code']:<{width}}  {c['probability']:.3f}  {c.get('description', '')}".rstrip()
             ev = ", ".join(f"{e['concept']} {e['probability']:.2f}" for e in c["evidence"][:top_evidence])
+            if "direct_question" in c:
+                ev += f"; direct question {c['direct_question']['probability']:.2f}"
             yield f"  {'':<{width}}         evidence: {ev}"
             if c.get("spans"):  # the note sentence the model's answers depend on most (cec.coding.attribution)
                 yield f"  {'':<{width}}         in the note: {quote(c['spans'][0]['text'])}"
