@@ -8,8 +8,9 @@ Uses the notes of --notes whose stage-1 concept probabilities are in the cache (
 system has scores for: rows over fewer notes say so). Each row fits its calibration, threshold and (for the
 concept bottleneck) weights on one half of those notes and reports on the other, both ways; metrics pooled over
 all notes, with a bootstrap 95% interval of micro-F1. Prints JSON; --out also writes the Markdown table.
---fit-out FILE writes the bottleneck (and calibration in FILE.calibration.json) fitted on all the notes: what a
-pipeline ships.
+--fit-out FILE writes the bottleneck fitted on all the notes (its calibration and threshold: "fitted" in the JSON): what a
+pipeline ships; with --fit-direct that bottleneck also reads the fine-tuned direct question (the row "Concept
+bottleneck + direct-FT question", there whenever the cache has direct-FT scores).
 """
 import argparse
 import json
