@@ -2,20 +2,25 @@
 # The recipe of the shipped default pipeline (Gemma 3 270M, CodiEsp-D50): train the concept, label and direct
 # adapters, write the pipeline folder, tune the code threshold on the first half of dev and report the second.
 #   scripts/train_default.sh MODEL DATA_DIR OUT_DIR     (DATA_DIR from scripts/prepare_codiesp.py)
-# Step counts and the device come from the environment: CONCEPT_STEPS, LABEL_STEPS, COMPACT_STEPS, DIRECT_STEPS,
-# DEVICE, PY. Stage 2 of the default is the linear concept bottleneck fitted at the end. The label stage is trained in the paper's Fig. 4 layout (label/), then continued on the compact
+# Step counts and the device come from the environment: CONCEPT_STEPS, HARD_STEPS, LABEL_STEPS, COMPACT_STEPS,
+# DIRECT_STEPS, DEVICE, PY. The concept adapter of the default is concept-hard/: concept/ continued HARD_STEPS
+# with hard negatives (codes near the true ones in the ICD tree, and concept/'s own false positives). Stage 2 of the default is the linear concept bottleneck fitted at the end. The label stage is trained in the paper's Fig. 4 layout (label/), then continued on the compact
 # layout (label-compact/, the pipeline's default: code questions of ~70 tokens instead of ~220).
 set -euo pipefail
 MODEL=$1 DATA=$2 OUT=$3
 PY=${PY:-python}
 DEVICE=${DEVICE:-cuda}
-CONCEPT_STEPS=${CONCEPT_STEPS:-500} LABEL_STEPS=${LABEL_STEPS:-600} COMPACT_STEPS=${COMPACT_STEPS:-30}
+CONCEPT_STEPS=${CONCEPT_STEPS:-500} HARD_STEPS=${HARD_STEPS:-30} LABEL_STEPS=${LABEL_STEPS:-600} COMPACT_STEPS=${COMPACT_STEPS:-30}
 DIRECT_STEPS=${DIRECT_STEPS:-200}
 DEV_HALF=${DEV_HALF:-125}
 mkdir -p "$OUT"
 common=(--data "$DATA/train.jsonl" --dev "$DATA/dev.jsonl" --concepts codiesp-d50 --model "$MODEL"
         --device "$DEVICE" --save-dtype bfloat16 --no-progress --eval-every 0 --dev-notes 32 --save-every 100)
 $PY train.py --stage concept "${common[@]}" --steps "$CONCEPT_STEPS" --out "$OUT/concept"
+# scores every training note with concept/ first (its false positives are the confused negatives), then trains
+$PY train.py --stage concept "${common[@]}" --init-adapter "$OUT/concept" --related-negatives 0.5 \
+    --confused-negatives 0.5 --confused-from "$OUT/concept" --steps "$HARD_STEPS" --lr 1e-4 --warmup 2 \
+    --out "$OUT/concept-hard"
 $PY train.py --stage label "${common[@]}" --steps "$LABEL_STEPS" --out "$OUT/label"
 $PY train.py --stage label "${common[@]}" --label-layout compact --init-adapter "$OUT/label" \
     --steps "$COMPACT_STEPS" --lr 1e-4 --warmup 3 --out "$OUT/label-compact"
@@ -26,7 +31,7 @@ from cec.coding.pipeline import PipelineConfig
 out, model = sys.argv[1], sys.argv[2]
 # negation on: the notes are read with their negated, past and family clauses blanked (cec/coding/negation.py),
 # in the evaluation below and so in the fit of stage 2, as infer.py reads them
-PipelineConfig(base_model=model, concept_adapter="concept", label_adapter="label-compact", direct_adapter="direct",
+PipelineConfig(base_model=model, concept_adapter="concept-hard", label_adapter="label-compact", direct_adapter="direct",
                negation="on").save(out)
 PYEOF
 head -n "$DEV_HALF" "$DATA/dev.jsonl" > "$OUT/dev_tune.jsonl"
