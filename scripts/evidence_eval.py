@@ -35,10 +35,11 @@ from cec.io import atomic_write_json
 from cec.coding.report import sentence_spans, tokens
 
 
-def gold_mentions(src: Path, notes: list[dict], codes: list[str]):
-    """CodiEsp-X's diagnosis mentions of `codes` in `notes`, each mapped to the English lines that translate it:
+def gold_mentions(src: Path, notes: list[dict], codes: list[str], split: str = "dev"):
+    """CodiEsp-X's diagnosis mentions of `codes` in `notes` (of `split`: dev or train), each mapped to the English
+    lines that translate it:
     ([(note id, code, mention text, Spanish (start, end) spans, English line indices)], alignment figures)."""
-    dev = src / "dev"
+    dev = src / split
     code_set = set(codes)
     groups, kinds, same = {}, Counter(), 0
     for n in notes:
@@ -49,7 +50,7 @@ def gold_mentions(src: Path, notes: list[dict], codes: list[str]):
         groups[n["id"]] = (es, ss, g)
         kinds.update(f"{len(a)}-{len(b)}" for a, b in g or [])
     mentions = []
-    for line in (dev / "devX.tsv").read_text(encoding="utf-8").splitlines():
+    for line in (dev / f"{split}X.tsv").read_text(encoding="utf-8").splitlines():
         nid, kind, code, text, offsets = line.split("\t")
         if kind != "DIAGNOSTICO" or code.upper() not in code_set or nid not in groups:
             continue

@@ -12,6 +12,13 @@ are blanked (a line holds several findings, so a touch alone says little; `touch
 is looked for in the Spanish words just before the mention and in the mention itself, and backward cues
 ("negativo", "descartado") just after it. --show N prints N blanked mentions of each kind to stderr, to check by eye.
 
+--coder-notes OUT writes the notes with the gold codes whose every mention negation blanks taken out of "labels"
+(kept in "blanked_labels"): what a coder would code from the note as a pipeline with negation on reads it. With
+--split train, the training notes of `train.py --negation on`:
+
+    python scripts/negation_gold.py --src ../shared/data/codiesp --split train --notes runs/codiesp/train.jsonl \
+        --codes ../shared/data/codiesp/codiesp50_codes.tsv --coder-notes runs/codiesp/train_coder.jsonl
+
 --cache SCORES (the dev score cache of scripts/evaluate.py, notes read with negation on; --pipeline the folder it
 was scored with) adds the concept bottleneck's two-fold figures (scripts/crossfit_eval.py's row) against all gold
 and without the gold (note, code) pairs whose every mention is blanked: what reading like a coder costs against
@@ -32,8 +39,10 @@ from evidence_eval import gold_mentions  # noqa: E402 -- scripts/, beside this f
 from cec.cli import user_errors  # noqa: E402
 from cec.coding.attribution import note_sentences  # noqa: E402
 from cec.coding.negation import blanked_spans  # noqa: E402
-from cec.data import read_codes, read_notes  # noqa: E402
+from cec.data import read_codes, read_notes, write_notes  # noqa: E402
+from cec.errors import DataError  # noqa: E402
 from cec.evaluation.metrics import micro_f1, roc_auc  # noqa: E402
+from cec.io import prepare_output  # noqa: E402
 
 NEG_BEFORE = {"no", "sin", "niega", "niegan", "negaba", "negó", "ausencia", "ni", "nunca", "tampoco", "descarta",
               "descartan", "descartó", "descartar", "exfumador", "exfumadora", "ex"}
@@ -70,13 +79,23 @@ def main(argv=None) -> dict:
     ap.add_argument("--src", type=Path, required=True, help="CodiEsp folder (with dev/devX.tsv and dev/text_files)")
     ap.add_argument("--notes", required=True, help="dev notes JSONL (English), as prepare_codiesp.py writes them")
     ap.add_argument("--codes", required=True, help="the code list (codiesp50_codes.tsv)")
+    ap.add_argument("--split", choices=["dev", "train"], default="dev",
+                    help="which CodiEsp split the notes are (its X file and Spanish texts) (default: %(default)s)")
+    ap.add_argument("--coder-notes", type=Path, metavar="OUT",
+                    help="write the notes without the gold codes whose every mention is blanked (a new file)")
     ap.add_argument("--show", type=int, default=0, help="print this many blanked mentions of each kind to stderr")
     ap.add_argument("--cache", help="dev score cache (scripts/evaluate.py): also the bottleneck with and without "
                                     "the blanked gold pairs")
     ap.add_argument("--pipeline", help="pipeline folder the cache was scored with (default: the shipped one)")
     args = ap.parse_args(argv)
+    if args.coder_notes and args.coder_notes.exists():
+        raise DataError(f"--coder-notes {args.coder_notes} exists: choose a new file")
+    if args.cache and args.split != "dev":
+        raise DataError("--cache is a dev score cache: it goes with --split dev")
     notes = read_notes(args.notes)
-    mentions, figures = gold_mentions(args.src, notes, read_codes(args.codes))
+    if args.coder_notes:
+        prepare_output(args.coder_notes)
+    mentions, figures = gold_mentions(args.src, notes, read_codes(args.codes), args.split)
     by_id = {n["id"]: n for n in notes}
     blanks = {n["id"]: blanked_spans(n["text"]) for n in notes}
     lines = {n["id"]: note_sentences(n["text"]) for n in notes}
@@ -85,7 +104,7 @@ def main(argv=None) -> dict:
     for nid, code, text, spans, idx in mentions:
         if not idx:
             continue
-        es = (args.src / "dev" / "text_files" / f"{nid}.txt").read_text(encoding="utf-8")
+        es = (args.src / args.split / "text_files" / f"{nid}.txt").read_text(encoding="utf-8")
         shares = [blanked_share(lines[nid][j], blanks[nid]) for j in idx]
         cue = spanish_cue(es, spans)
         counts["mentions"] += 1
@@ -114,9 +133,24 @@ def main(argv=None) -> dict:
            "notes_with_a_blank": sum(bool(b) for b in blanks.values()),
            "blanks_per_note": round(sum(map(len, blanks.values())) / max(1, len(notes)), 2)}
     out["blanked_share"] = {k: round(v / max(1, n), 4) for k, v in out["blanked"].items()}
+    dropped = {k for k, v in pairs_blanked.items() if v}
+    if args.coder_notes:
+        written = coder_notes(notes, dropped)
+        write_notes(args.coder_notes, written)
+        out["coder_notes"] = {"path": str(args.coder_notes),
+                              "labels_taken_out": sum(len(n.get("blanked_labels", [])) for n in written)}
     if args.cache:
-        out["bottleneck"] = without_pairs(args, notes, {k for k, v in pairs_blanked.items() if v})
+        out["bottleneck"] = without_pairs(args, notes, dropped)
     print(json.dumps(out, indent=2))
+    return out
+
+
+def coder_notes(notes: list[dict], dropped: set) -> list[dict]:
+    """The notes with the (note id, code) pairs of `dropped` moved from "labels" to "blanked_labels"."""
+    out = []
+    for n in notes:
+        gone = [c for c in n["labels"] if (n["id"], c) in dropped]
+        out.append(n | {"labels": [c for c in n["labels"] if c not in gone]} | ({"blanked_labels": gone} if gone else {}))
     return out
 
 
@@ -126,7 +160,6 @@ def without_pairs(args, notes, dropped: set) -> dict:
     import numpy as np
 
     from crossfit_eval import LLM_SYSTEMS, cached  # noqa: E402 -- scripts/, beside this file
-    from cec.errors import DataError
     from cec.evaluation.crossfit import bottleneck_system, cross_fitted
     from cec.evaluation.metrics import label_matrix
     from cec.evaluation.score_cache import ScoreCache

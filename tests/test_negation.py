@@ -189,6 +189,17 @@ def test_negation_gold_counts_blanked_gold_mentions_by_spanish_cue(shared_dir, t
     assert sum(out["blanked"].values()) + sum(out["cued_but_read"].values()) <= out["mentions"]
     assert out["mentions_with_spanish_cue"] >= sum(out["cued_but_read"].values())
     assert json.loads(capsys.readouterr().out) == out
+    coder = tmp_path / "coder.jsonl"
+    out = mod.main(["--src", str(src), "--notes", str(notes), "--codes", str(codes_file), "--coder-notes", str(coder)])
+    written = [json.loads(line) for line in coder.read_text().splitlines()]
+    given = [json.loads(line) for line in notes.read_text().splitlines()]
+    assert [n["id"] for n in written] == ids and [n["text"] for n in written] == [n["text"] for n in given]
+    taken = sum(len(n.get("blanked_labels", [])) for n in written)
+    assert taken == out["coder_notes"]["labels_taken_out"] <= out["gold_pairs_all_mentions_blanked"]
+    assert sum(map(len, (n["labels"] for n in written))) + taken == sum(map(len, (n["labels"] for n in given)))
+    with pytest.raises(DataError, match="exists"):  # never over a file
+        mod.main(["--src", str(src), "--notes", str(notes), "--codes", str(codes_file), "--coder-notes", str(coder)])
+    capsys.readouterr()
 
 
 def test_negation_gold_scores_the_bottleneck_with_and_without_left_out_gold_pairs(tmp_path):
@@ -232,3 +243,53 @@ def test_negation_gold_scores_the_bottleneck_with_and_without_left_out_gold_pair
     part = mod.without_pairs(args, notes, dropped)
     assert part["gold_pairs_left_out"] == 5 and part["micro_auc"] == whole["micro_auc"]
     assert part["micro_f1_without"] != whole["micro_f1"]
+
+
+# -- training on the notes as a pipeline with negation on reads them ------------------------------------------
+def test_train_negation_on_blanks_the_training_notes_records_it_and_resume_keeps_it(tmp_path, capsys):
+    """train.py --negation on: the notes it trains on are blanked as infer.py blanks them (same length, so
+    offsets hold), cec_adapter.json records it, and a checkpoint resumes only with the same --negation."""
+    import sys
+    from pathlib import Path
+
+    from cec.data import write_notes
+    from test_predicted_answers import common, run_main
+    from tiny_train import save_tiny_model, tiny_concept_set, tiny_notes
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import train
+    from cec.commands.train import parse_args, read_data
+
+    save_tiny_model(tmp_path / "model", "gemma3")
+    tiny_concept_set().save(tmp_path / "cs.json")
+    notes = [{**n, "text": n["text"] + " denies chest pain."} for n in tiny_notes(3)]
+    write_notes(tmp_path / "train.jsonl", notes)
+    a = common(tmp_path, tmp_path / "run") + ["--stage", "concept", "--steps", "2"]
+    _, read, _ = read_data(parse_args(a + ["--negation", "on"]))
+    for before, after in zip(notes, read):
+        assert after["text"] == blank(before["text"], blanked_spans(before["text"]))
+        assert len(after["text"]) == len(before["text"]) and "chest pain" not in after["text"]
+    _, plain, _ = read_data(parse_args(a))
+    assert [n["text"] for n in plain] == [n["text"] for n in notes]  # the default: read as given
+
+    train.main(a + ["--negation", "on", "--stop-at", "1"])
+    code, line = run_main(a + ["--resume"], capsys)
+    assert code == 2 and "trained with --negation on" in line
+    train.main(a + ["--negation", "on", "--resume"])
+    assert json.loads((tmp_path / "run" / "cec_adapter.json").read_text())["negation"] == "on"
+
+
+def test_coder_notes_move_the_blanked_gold_codes_out_of_the_labels():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "negation_gold.py"
+    spec = importlib.util.spec_from_file_location("negation_gold", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    notes = [{"id": "a", "text": "no fever. cough.", "labels": ["R50.9", "R05"]},
+             {"id": "b", "text": "fever.", "labels": ["R50.9"]}]
+    out = mod.coder_notes(notes, {("a", "R50.9"), ("b", "R05")})
+    assert out == [{"id": "a", "text": "no fever. cough.", "labels": ["R05"], "blanked_labels": ["R50.9"]},
+                   {"id": "b", "text": "fever.", "labels": ["R50.9"]}]
+    assert notes[0]["labels"] == ["R50.9", "R05"]  # the notes given are not changed

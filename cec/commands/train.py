@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from cec.cli import add_runtime_args, runtime, user_errors
-from cec.coding import stages
+from cec.coding import negation, stages
 from cec.coding.concepts import load_concept_set
 from cec.coding.pipeline import SAMPLING, PipelineConfig
 from cec.data import read_notes
@@ -68,6 +68,10 @@ def parse_args(argv=None, prog: str = "train.py") -> argparse.Namespace:
                    help="base model: embedded name (gemma3-270m), HF folder, .gguf file or hub id "
                         "(default: %(default)s)")
     g.add_argument("--out", required=True, metavar="DIR", help="run folder: adapter, checkpoints, train_log.jsonl")
+    g.add_argument("--negation", choices=negation.MODES, default="off",
+                   help="on: train on the notes as a pipeline with negation on reads them, their negated, past and "
+                        "family clauses blanked (cec.coding.negation); give it notes whose labels a coder would "
+                        "assign from what is left (scripts/negation_gold.py --coder-notes) (default: %(default)s)")
     g.add_argument("--drop-unknown-codes", action="store_true",
                    help="ignore note labels that are not in the concept set (default: they are an error)")
 
@@ -242,6 +246,9 @@ def check_run_folder(args) -> None:
     except (OSError, ValueError):
         saved = {}
     saved = saved if isinstance(saved, dict) else {}
+    if saved.get("negation", "off") != args.negation:
+        raise ConfigError(f"checkpoint {found[-1]} was trained with --negation {saved.get('negation', 'off')}: "
+                          "resume with the same --negation")
     if args.stage == "concept":
         if saved.get("hard_negatives", {"related": 0.0, "confused": 0.0}) != hard_negatives_meta(args):
             raise ConfigError(f"checkpoint {found[-1]} was trained with other hard negatives "
@@ -271,6 +278,9 @@ def read_data(args):
     if not notes:
         raise DataError(f"{args.data}: no notes")
     dev = read_notes(args.dev) if args.dev else []
+    if args.negation == "on":  # once, here: the scores of --confused-from / --concept-adapter read these texts too
+        notes, dev = ([n | {"text": negation.blank(n["text"], negation.blanked_spans(n["text"]))} for n in ns]
+                      for ns in (notes, dev))
     try:
         notes = check_labels(notes, concept_set, args.drop_unknown_codes)
     except DataError as e:
@@ -345,7 +355,7 @@ def main(argv=None, prog: str = "train.py") -> None:
                              save_dtype=args.save_dtype, progress=not args.no_progress)
         meta = {"stage": args.stage, "concept_set": concept_set.name, "code_system": concept_set.code_system,
                 "prompts": stage.layout, "yes_answers": list(stage.yes_answers), "no_answers": list(stage.no_answers),
-                "train_notes": len(notes), "seed": args.seed,
+                "train_notes": len(notes), "seed": args.seed, "negation": args.negation,
                 "concept_set_codes": list(concept_set.codes),  # what infer.py and evaluate.py check the set against
                 **drawer_meta, **({"init_adapter": str(args.init_adapter)} if args.init_adapter else {})}
         log(f"stage {args.stage}: {len(notes)} notes, {len(dev)} dev notes, {world} process(es) on {device}, "
