@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -26,9 +27,9 @@ from cec.coding.calibration import Platt  # noqa: E402
 from cec.cli import user_errors  # noqa: E402
 from cec.evaluation.crossfit import bottleneck_system, halves, score_system, two_fold  # noqa: E402
 from cec.data import read_notes  # noqa: E402
-from cec.errors import DataError  # noqa: E402
+from cec.errors import ConfigError, DataError  # noqa: E402
 from cec.evaluation.score_cache import ScoreCache  # noqa: E402
-from cec.evaluation.systems import CONCEPTS, System, fingerprints, leaf_view  # noqa: E402
+from cec.evaluation.systems import CONCEPTS, System, concept_mean, fingerprints, leaf_view  # noqa: E402
 from cec.evaluation.systems import resolve_setup, tfidf_scores  # noqa: E402
 from cec.io import atomic_write_json, atomic_write_text  # noqa: E402
 from cec.evaluation.metrics import label_matrix, roc_auc, tune_threshold  # noqa: E402
@@ -67,6 +68,8 @@ def main(argv=None):
     ap.add_argument("--fit-direct", action="store_true",
                     help="the --fit-out bottleneck also reads the direct-FT question (every note needs its scores)")
     args = ap.parse_args(argv)
+    if args.fit_direct and not args.fit_out:
+        raise ConfigError("--fit-direct says what the --fit-out bottleneck reads: give --fit-out FILE too")
 
     setup = resolve_setup(args.pipeline)
     cs = setup.concept_set
@@ -77,9 +80,6 @@ def main(argv=None):
         raise DataError(f"{args.cache}: only {len(notes)} notes of {args.notes} have stage-1 scores (need 10)")
     y = label_matrix([n["labels"] for n in notes], cs.codes)
     concept_p = cached(cache, (CONCEPTS, keys[CONCEPTS]), notes)
-
-    def mean_of(view):
-        return np.stack([concept_p[:, ids].mean(1) for ids in (view(c) for c in cs.codes)], 1)
 
     rows = {}  # name -> (system fn, notes mask)
     everyone = np.ones(len(notes), dtype=bool)
@@ -101,9 +101,8 @@ def main(argv=None):
             scored[s.key] = scores, have
             rows[name + " (raw)"] = (score_system(scores, y, calibrate=False), have)
             rows[name + " (calibrated)"] = (score_system(scores, y), have)
-    leaf = leaf_view(cs)
-    rows["Concept mean, all own concepts"] = (score_system(mean_of(cs.concept_ids), y), everyone)
-    rows["Concept mean, leaf concepts"] = (score_system(mean_of(leaf.concept_ids), y), everyone)
+    for name, view in (("Concept mean, all own concepts", cs), ("Concept mean, leaf concepts", leaf_view(cs))):
+        rows[name] = (score_system(concept_mean(view, torch.from_numpy(concept_p)).numpy(), y), everyone)
     rows["Concept bottleneck (linear stage 2)"] = (bottleneck_system(cs, concept_p, y), everyone)
     rows["Concept bottleneck, per-code thresholds"] = (bottleneck_system(cs, concept_p, y), everyone)
     direct_ft = scored.get(LLM_SYSTEMS[1].key)

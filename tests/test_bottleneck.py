@@ -9,7 +9,7 @@ import torch
 from cec.coding.bottleneck import L2_GRID, Bottleneck, concept_logits
 from cec.coding.calibration import Platt, expected_calibration_error
 from cec.evaluation.crossfit import bottleneck_system, halves, score_system, two_fold
-from cec.errors import DataError
+from cec.errors import ConfigError, DataError
 
 
 @pytest.fixture(scope="module")
@@ -230,3 +230,17 @@ def test_pipeline_whose_linear_stage_also_reads_the_direct_question(cs, tmp_path
             + pipe.bottleneck.direct * direct_question_drops(pipe, note, [0], spans)[0])
     assert (scores[0] - want).abs().max().item() < 1e-4
     assert direct_question_drops(pipe, note, [0], spans).abs().max() > 0
+
+
+def test_crossfit_fit_direct_without_fit_out_is_refused(tmp_path):
+    """--fit-direct only says what the --fit-out bottleneck reads: alone it is an error, not silently nothing."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "crossfit_eval.py"
+    spec = importlib.util.spec_from_file_location("crossfit_eval", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(ConfigError, match="give --fit-out"):
+        mod.main(["--notes", str(tmp_path / "n.jsonl"), "--train", str(tmp_path / "t.jsonl"), "--cache",
+                  str(tmp_path / "s.jsonl"), "--fit-direct"])

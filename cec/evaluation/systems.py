@@ -152,6 +152,12 @@ def leaf_view(cs: ConceptSet) -> ConceptSet:
                       {c: [] for c in cs.codes}, cs.leaf_ids, cs.build)
 
 
+def concept_mean(cs: ConceptSet, probs: torch.Tensor) -> torch.Tensor:
+    """Stage 1 alone: each code's score the mean of its own concepts' probabilities ([..., concepts] ->
+    [..., codes]; with leaf_view(cs), of its leaf concepts)."""
+    return torch.stack([probs[..., cs.concept_ids(c)].mean(-1) for c in cs.codes], -1)
+
+
 def fingerprints(setup: EvalSetup, systems: list[System], device, dtype) -> dict[str, str]:
     """system key (and CONCEPTS) -> hash of everything its per-note scores depend on."""
     cfg, cs = setup.config, setup.concept_set
@@ -224,10 +230,9 @@ class Evaluator:
                 cp = cache.put(CONCEPTS, keys[CONCEPTS], note, pipe.concept_probs(text))
             cp = torch.tensor(cp, dtype=torch.float32)
             t1 = time.perf_counter()
-            for s in missing:  # stage 1 alone: each code the mean of its own concepts' probabilities
+            for s in missing:
                 if s.kind == "concept-mean":
-                    cache.put(s.key, keys[s.key], note, torch.stack([cp[pipe.cs.concept_ids(c)].mean()
-                                                                     for c in pipe.cs.codes]))
+                    cache.put(s.key, keys[s.key], note, concept_mean(pipe.cs, cp))
             if staged:
                 leaf = leaf_view(pipe.cs)
                 views = [leaf if s.kind == "leaf" else pipe.cs for s in staged]
