@@ -16,7 +16,7 @@ is looked for in the Spanish words just before the mention and in the mention it
 (kept in "blanked_labels"): what a coder would code from the note as a pipeline with negation on reads it. With
 --split train, the training notes of `train.py --negation on`:
 
-    python scripts/negation_gold.py --src ../shared/data/codiesp --split train --notes runs/codiesp/train.jsonl \
+    python scripts/negation_gold.py --src ../shared/data/codiesp --split train --notes runs/codiesp/train.jsonl \\
         --codes ../shared/data/codiesp/codiesp50_codes.tsv --coder-notes runs/codiesp/train_coder.jsonl
 
 --cache SCORES (the dev score cache of scripts/evaluate.py, notes read with negation on; --pipeline the folder it
