@@ -115,3 +115,20 @@ def test_kernels_folder_installs_as_cec_kernels(tmp_path):
     assert out.returncode == 0, out.stderr
     if out.stdout.strip() != "no triton":
         assert Path(out.stdout.strip()).resolve() == ROOT / "kernels" / "yesno_head.py"
+
+
+def test_kernels_folder_hands_the_name_kernels_to_an_installed_package(tmp_path):
+    """Run from the repository root (its folder first on sys.path, as `python -m pytest` and `python infer.py` put
+    it), `import kernels` gives the package of that name found after it on the path (transformers imports the
+    Hub's), and the engine still finds its own kernel as cec_kernels."""
+    foreign = tmp_path / "site" / "kernels"
+    foreign.mkdir(parents=True)
+    (foreign / "__init__.py").write_text("FOREIGN = True\n")
+    code = ("import kernels, sys; print(getattr(kernels, 'FOREIGN', False), sys.path[0] == '')\n"
+            "import cec_kernels.yesno_head as k; print(k.__file__)\n")
+    for pythonpath, expected in ((str(foreign.parent), "True True"), ("", "False True")):
+        env = {**os.environ, "PYTHONPATH": pythonpath}
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        first, second = out.stdout.strip().splitlines()
+        assert first == expected and Path(second).resolve() == ROOT / "kernels" / "yesno_head.py"
