@@ -11,9 +11,12 @@ if __name__ == "kernels":
     import os
     import sys
 
-    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _here = os.path.realpath(__file__)
+    _root = os.path.dirname(os.path.dirname(_here))
     _spec = importlib.machinery.PathFinder.find_spec(
-        "kernels", [p for p in sys.path if os.path.abspath(p or os.curdir) != _root])
-    if _spec is not None:  # importing a module returns what sys.modules holds for it once its code has run
+        "kernels", [p for p in sys.path if os.path.realpath(p or os.curdir) != _root])
+    # (this file again, through another spelling of the root, would be itself: keep it then)
+    if _spec is not None and _spec.origin and os.path.realpath(_spec.origin) != _here:
+        # importing a module returns what sys.modules holds for it once its code has run
         sys.modules["kernels"] = importlib.util.module_from_spec(_spec)
         _spec.loader.exec_module(sys.modules["kernels"])
