@@ -4,8 +4,10 @@
 #   scripts/train_default.sh MODEL DATA_DIR OUT_DIR     (DATA_DIR from scripts/prepare_codiesp.py)
 # Step counts and the device come from the environment: CONCEPT_STEPS, HARD_STEPS, LABEL_STEPS, COMPACT_STEPS,
 # DIRECT_STEPS, DEVICE, PY. The concept adapter of the default is concept-hard/: concept/ continued HARD_STEPS
-# with hard negatives (codes near the true ones in the ICD tree, and concept/'s own false positives). Stage 2 of the default is the linear concept bottleneck fitted at the end. The label stage is trained in the paper's Fig. 4 layout (label/), then continued on the compact
-# layout (label-compact/, the pipeline's default: code questions of ~70 tokens instead of ~220).
+# with hard negatives (codes near the true ones in the ICD tree, and concept/'s own false positives). Stage 2 of
+# the default is the linear concept bottleneck fitted at the end. The label stage is trained in the paper's Fig. 4
+# layout (label/), then continued on the compact layout (label-compact/, the pipeline's default: code questions of
+# ~70 tokens instead of ~220).
 set -euo pipefail
 MODEL=$1 DATA=$2 OUT=$3
 PY=${PY:-python}

@@ -186,7 +186,7 @@ def attribute(pipe, text: str, result, code_indices: list[int], spans=None, per_
     scores = w @ cdrops
     if stage2_is_llm(pipe) and code_indices:
         scores = scores + code_question_drops(pipe, text, result, code_indices, spans)
-    if getattr(result, "direct_probs", None) is not None and code_indices:
+    if result.direct_probs is not None and code_indices:
         scores = scores + pipe.bottleneck.direct * direct_question_drops(pipe, text, code_indices, spans)
     return spans, concept_ids, cdrops, scores
 
