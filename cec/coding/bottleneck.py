@@ -57,16 +57,17 @@ class Bottleneck:
     def logits(self, concept_p, direct_p=None) -> torch.Tensor:
         """[..., concepts] probabilities (and [..., codes] direct-question probabilities, when the bottleneck
         reads them) -> [..., codes] logits."""
-        x = concept_logits(concept_p)
+        if self.direct is not None and direct_p is None:
+            raise ValueError("this bottleneck also reads the direct question: pass its probabilities")
+        return self._logits(concept_logits(concept_p), None if direct_p is None else concept_logits(direct_p))
+
+    def _logits(self, x: torch.Tensor, xd: torch.Tensor | None) -> torch.Tensor:
+        """The same from clipped logits x (and xd, read only when the bottleneck reads the direct question)."""
         pooled = torch.as_tensor(self.pooled)
         cols = [self.bias[j] + self._pool(x, j) @ pooled + x[..., self.own[j]] @ torch.as_tensor(self.weights[j])
                 for j in range(len(self.codes))]
         z = torch.stack(cols, -1)
-        if self.direct is not None:
-            if direct_p is None:
-                raise ValueError("this bottleneck also reads the direct question: pass its probabilities")
-            z = z + self.direct * concept_logits(direct_p)
-        return z
+        return z if self.direct is None else z + self.direct * xd
 
     def probs(self, concept_p, direct_p=None) -> torch.Tensor:
         return torch.sigmoid(self.logits(concept_p, direct_p)).float()
@@ -97,16 +98,9 @@ class Bottleneck:
         """Fit on [notes, concepts] stage-1 probabilities and [notes, codes] 0/1 labels (cs.codes order), and
         with direct_p ([notes, codes] direct-question probabilities) a bottleneck that also reads those.
         l2=None: chosen from L2_GRID by `folds`-fold cross-validation (log-loss) over these notes."""
-        x, y = concept_logits(concept_p), torch.as_tensor(np.asarray(y), dtype=torch.float64)
-        xd = None if direct_p is None else concept_logits(direct_p)
-        if x.shape[0] != y.shape[0] or y.shape[1] != len(cs.codes):
-            raise DataError(f"bottleneck: {x.shape[0]} notes of concept scores but labels of shape {tuple(y.shape)}")
-        if xd is not None and xd.shape != y.shape:
-            raise DataError(f"bottleneck: direct-question scores of shape {tuple(xd.shape)}, labels {tuple(y.shape)}")
-        own = [cs.concept_ids(c) for c in cs.codes]
-        leaf = [list(cs.leaf_ids.get(c, [])) for c in cs.codes]
+        x, y, xd, own, leaf = _inputs(cs, concept_p, y, direct_p)
         if l2 is None:
-            l2 = min(L2_GRID, key=lambda lam: cls._cv_loss(own, leaf, x, y, lam, folds, seed, xd))
+            l2 = cls._choose_l2(own, leaf, x, y, folds, seed, xd)
         pooled, bias, weights, direct = cls._fit(own, leaf, x, y, l2, xd)
         return cls(list(cs.codes), own, leaf, pooled, bias, weights, l2, [c.text for c in cs.concepts], direct)
 
@@ -114,15 +108,10 @@ class Bottleneck:
     def out_of_fold(cls, cs, concept_p, y, folds: int = 5, seed: int = 0, l2: float | None = None,
                     direct_p=None) -> np.ndarray:
         """[notes, codes] probabilities, each note's from a model fitted on the other folds (for calibrating and
-        tuning a threshold on the same notes the final model is fitted on)."""
-        x, y_t = np.asarray(concept_p), np.asarray(y)
-        d = None if direct_p is None else np.asarray(direct_p)
-        out = np.zeros(y_t.shape, dtype=np.float64)
-        for train, held in _folds(len(x), folds, seed):
-            model = cls.fit(cs, x[train], y_t[train], l2=l2, folds=folds, seed=seed,
-                            direct_p=None if d is None else d[train])
-            out[held] = model.probs(x[held], None if d is None else d[held]).numpy()
-        return out
+        tuning a threshold on the same notes the final model is fitted on); l2=None: chosen per fold, on that
+        fold's fitting notes only."""
+        x, y, xd, own, leaf = _inputs(cs, concept_p, y, direct_p)
+        return torch.sigmoid(cls._out_of_fold_logits(own, leaf, x, y, l2, folds, seed, xd)).numpy()
 
     @staticmethod
     def _fit(own, leaf, x, y, l2, xd=None):
@@ -158,14 +147,23 @@ class Bottleneck:
                 None if xd is None else float(d.detach()))
 
     @classmethod
-    def _cv_loss(cls, own, leaf, x, y, l2, folds, seed, xd=None) -> float:
-        total = 0.0
+    def _out_of_fold_logits(cls, own, leaf, x, y, l2, folds, seed, xd=None) -> torch.Tensor:
+        z = torch.zeros(y.shape, dtype=torch.float64)
         for train, held in _folds(x.shape[0], folds, seed):
-            a, b, w, d = cls._fit(own, leaf, x[train], y[train], l2, None if xd is None else xd[train])
-            model = cls([""] * y.shape[1], own, leaf, a, b, w, l2, direct=d)
-            z = model.logits(torch.sigmoid(x[held]), None if xd is None else torch.sigmoid(xd[held]))
-            total += float(torch.nn.functional.binary_cross_entropy_with_logits(z, y[held], reduction="sum"))
-        return total
+            xd_train = None if xd is None else xd[train]
+            lam = l2 if l2 is not None else cls._choose_l2(own, leaf, x[train], y[train], folds, seed, xd_train)
+            a, b, w, d = cls._fit(own, leaf, x[train], y[train], lam, xd_train)
+            model = cls([""] * y.shape[1], own, leaf, a, b, w, lam, direct=d)
+            z[held] = model._logits(x[held], None if xd is None else xd[held])
+        return z
+
+    @classmethod
+    def _choose_l2(cls, own, leaf, x, y, folds, seed, xd=None) -> float:
+        """The L2_GRID strength with the least cross-validated log-loss over these notes."""
+        def cv_loss(lam):
+            z = cls._out_of_fold_logits(own, leaf, x, y, lam, folds, seed, xd)
+            return float(torch.nn.functional.binary_cross_entropy_with_logits(z, y, reduction="sum"))
+        return min(L2_GRID, key=cv_loss)
 
     # -- files --------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
@@ -208,6 +206,19 @@ class Bottleneck:
             raise DataError(f"{path}: malformed concept-bottleneck file ({type(e).__name__}: {e})") from None
         return cls(list(cs.codes), own, leaf, pooled, np.array(bias), weights, float(d.get("l2", 1.0)),
                    [c.text for c in cs.concepts], direct)
+
+
+def _inputs(cs, concept_p, y, direct_p):
+    """Clipped logits of the stage-1 (and direct-question) probabilities, the labels, and per code of the concept
+    set its own and its leaf-level concept ids; shapes checked."""
+    x, y = concept_logits(concept_p), torch.as_tensor(np.asarray(y), dtype=torch.float64)
+    xd = None if direct_p is None else concept_logits(direct_p)
+    if x.shape[0] != y.shape[0] or y.shape[1] != len(cs.codes):
+        raise DataError(f"bottleneck: {x.shape[0]} notes of concept scores but labels of shape {tuple(y.shape)}")
+    if xd is not None and xd.shape != y.shape:
+        raise DataError(f"bottleneck: direct-question scores of shape {tuple(xd.shape)}, labels {tuple(y.shape)}")
+    own = [cs.concept_ids(c) for c in cs.codes]
+    return x, y, xd, own, [list(cs.leaf_ids.get(c, [])) for c in cs.codes]
 
 
 def _folds(n: int, folds: int, seed: int):
