@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cec.coding.bottleneck import Bottleneck  # noqa: E402
 from cec.coding.calibration import Platt  # noqa: E402
 from cec.cli import user_errors  # noqa: E402
+from cec.engine.lora import read_adapter_config  # noqa: E402
 from cec.evaluation.crossfit import bottleneck_system, halves, score_system, two_fold  # noqa: E402
 from cec.data import read_notes  # noqa: E402
 from cec.errors import ConfigError, DataError  # noqa: E402
@@ -62,6 +63,8 @@ def main(argv=None):
     ap.add_argument("--train", help="train notes JSONL (for the TF-IDF row)")
     ap.add_argument("--cache", required=True, help="score cache JSONL written by scripts/evaluate.py")
     ap.add_argument("--pipeline", help="pipeline folder the cache was scored with (default: the shipped one)")
+    ap.add_argument("--label-adapter", help="the label LLM's adapter, overriding the pipeline's (as given to "
+                                            "scripts/evaluate.py)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="Markdown table to write")
     ap.add_argument("--fit-out", help="write the bottleneck fitted on all scored notes here (JSON)")
@@ -71,7 +74,7 @@ def main(argv=None):
     if args.fit_direct and not args.fit_out:
         raise ConfigError("--fit-direct says what the --fit-out bottleneck reads: give --fit-out FILE too")
 
-    setup = resolve_setup(args.pipeline)
+    setup = resolve_setup(args.pipeline, label_adapter=args.label_adapter)
     cs = setup.concept_set
     keys = fingerprints(setup, LLM_SYSTEMS, "cpu", None)
     cache = ScoreCache(args.cache)
@@ -92,8 +95,10 @@ def main(argv=None):
             return score_system(scores, y, calibrate=False)(tune)
         rows["TF-IDF + LR (one-vs-rest)"] = (tfidf, everyone)
     scored = {}  # system key -> ([notes, codes] scores, mask of the notes that have them)
+    label = setup.config.adapter("label")  # its row says which answers it was trained on (train.py records it)
+    answers = read_adapter_config(label)[1].get("concept_answers", "pseudo") if label else "pseudo"
     for s, name in ((LLM_SYSTEMS[2], "Direct coding w/o FT"), (LLM_SYSTEMS[1], "Direct coding w/ FT"),
-                    (LLM_SYSTEMS[0], "CEC, label LLM, k=5 (pseudo answers)")):
+                    (LLM_SYSTEMS[0], f"CEC, label LLM, k=5 ({answers} answers)")):
         have = np.array([cache.get(s.key, keys[s.key], n) is not None for n in notes])
         if have.sum() >= 10:
             scores = np.zeros(y.shape)

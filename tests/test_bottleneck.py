@@ -244,3 +244,47 @@ def test_crossfit_fit_direct_without_fit_out_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="give --fit-out"):
         mod.main(["--notes", str(tmp_path / "n.jsonl"), "--train", str(tmp_path / "t.jsonl"), "--cache",
                   str(tmp_path / "s.jsonl"), "--fit-direct"])
+
+
+def test_crossfit_names_the_label_llm_row_after_the_answers_its_adapter_was_trained_on(tmp_path, capsys):
+    """--label-adapter overrides the pipeline's label adapter, and its row says whether it was trained on pseudo
+    or predicted answers (cec_adapter.json "concept_answers"; no ../shared: scores made up here)."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    from cec.data import write_notes
+    from cec.evaluation.score_cache import ScoreCache
+    from cec.evaluation.systems import CONCEPTS, fingerprints, resolve_setup
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "crossfit_eval.py"
+    spec = importlib.util.spec_from_file_location("crossfit_eval", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    shipped = resolve_setup(None)
+    adapter = tmp_path / "label-predicted"
+    shutil.copytree(shipped.config.adapter("label"), adapter)
+    meta = json.loads((adapter / "cec_adapter.json").read_text())
+    (adapter / "cec_adapter.json").write_text(json.dumps({**meta, "concept_answers": "predicted"}))
+    cs = shipped.concept_set
+    keys = fingerprints(shipped, mod.LLM_SYSTEMS, "cpu", None)  # adapter bytes unchanged: the same keys
+    rng = np.random.default_rng(0)
+    notes, cache = [], ScoreCache(tmp_path / "scores.jsonl")
+    for i in range(24):
+        labels = [c for c in cs.codes[:4] if rng.random() < 0.4]
+        note = {"id": f"n{i}", "text": f"note {i}", "labels": labels}
+        p = rng.uniform(0.01, 0.3, len(cs.concepts))
+        for c in labels:
+            p[cs.concept_ids(c)] = rng.uniform(0.5, 0.99, len(cs.concept_ids(c)))
+        cache.put(CONCEPTS, keys[CONCEPTS], note, p.tolist())
+        code_p = [0.9 if c in labels else 0.1 for c in cs.codes]
+        cache.put("cec-k5", keys["cec-k5"], note, code_p)
+        notes.append(note)
+    cache.close()
+    write_notes(tmp_path / "dev.jsonl", notes)
+    base = ["--notes", str(tmp_path / "dev.jsonl"), "--cache", str(tmp_path / "scores.jsonl")]
+    names = [r["system"] for r in mod.main(base)["systems"]]
+    assert "CEC, label LLM, k=5 (pseudo answers) (raw)" in names
+    names = [r["system"] for r in mod.main(base + ["--label-adapter", str(adapter)])["systems"]]
+    assert "CEC, label LLM, k=5 (predicted answers) (raw)" in names
+    capsys.readouterr()
