@@ -10,7 +10,9 @@ concept bottleneck) weights on one half of those notes and reports on the other,
 all notes, with a bootstrap 95% interval of micro-F1. Prints JSON; --out also writes the Markdown table.
 --fit-out FILE writes the bottleneck fitted on all the notes (its calibration and threshold: "fitted" in the JSON): what a
 pipeline ships; with --fit-direct that bottleneck also reads the fine-tuned direct question (the row "Concept
-bottleneck + direct-FT question", there whenever the cache has direct-FT scores).
+bottleneck + direct-FT question", there whenever the cache has direct-FT scores). With --train, the row "Concept
+bottleneck + TF-IDF logit" reads TF-IDF + LR's logit (fitted on --train, both read as the pipeline reads notes) as
+one more shared weight: what a lexical prior would add (not a stage 2 a pipeline can ship today).
 """
 import argparse
 import json
@@ -23,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cec.coding.bottleneck import Bottleneck  # noqa: E402
+from cec.coding import negation  # noqa: E402
 from cec.coding.calibration import Platt  # noqa: E402
 from cec.cli import user_errors  # noqa: E402
 from cec.engine.lora import read_adapter_config  # noqa: E402
@@ -94,6 +97,14 @@ def main(argv=None):
             _, scores, _ = tfidf_scores(train, [notes[i] for i in tune], notes, cs.codes, tfidf_cache)
             return score_system(scores, y, calibrate=False)(tune)
         rows["TF-IDF + LR (one-vs-rest)"] = (tfidf, everyone)
+        # TF-IDF over the notes as the pipeline reads them (negation: blanked), as one more shared-weight logit
+        # of the bottleneck (the slot that otherwise reads the direct question); a reported row, not shippable
+        read = lambda ns: negation.readable_notes(ns, setup.config.negation)  # noqa: E731
+        train_read, notes_read = read(train), read(notes)
+
+        def bottleneck_tfidf(tune):
+            _, scores, _ = tfidf_scores(train_read, [notes_read[i] for i in tune], notes_read, cs.codes, tfidf_cache)
+            return bottleneck_system(cs, concept_p, y, direct_p=scores)(tune)
     scored = {}  # system key -> ([notes, codes] scores, mask of the notes that have them)
     label = setup.config.adapter("label")  # its row says which answers it was trained on (train.py records it)
     answers = read_adapter_config(label)[1].get("concept_answers", "pseudo") if label else "pseudo"
@@ -110,6 +121,8 @@ def main(argv=None):
         rows[name] = (score_system(concept_mean(view, torch.from_numpy(concept_p)).numpy(), y), everyone)
     rows["Concept bottleneck (linear stage 2)"] = (bottleneck_system(cs, concept_p, y), everyone)
     rows["Concept bottleneck, per-code thresholds"] = (bottleneck_system(cs, concept_p, y), everyone)
+    if args.train:
+        rows["Concept bottleneck + TF-IDF logit"] = (bottleneck_tfidf, everyone)
     direct_ft = scored.get(LLM_SYSTEMS[1].key)
     if direct_ft is not None:
         rows["Concept bottleneck + direct-FT question"] = (

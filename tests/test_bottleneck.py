@@ -246,9 +246,11 @@ def test_crossfit_fit_direct_without_fit_out_is_refused(tmp_path):
                   str(tmp_path / "s.jsonl"), "--fit-direct"])
 
 
-def test_crossfit_names_the_label_llm_row_after_the_answers_its_adapter_was_trained_on(tmp_path, capsys):
+def test_crossfit_names_the_label_llm_row_after_the_answers_its_adapter_was_trained_on(tmp_path, capsys,
+                                                                                    monkeypatch):
     """--label-adapter overrides the pipeline's label adapter, and its row says whether it was trained on pseudo
-    or predicted answers (cec_adapter.json "concept_answers"; no ../shared: scores made up here)."""
+    or predicted answers (cec_adapter.json "concept_answers"); with --train the bottleneck row that also reads
+    TF-IDF's logit (no ../shared: scores made up here; the bottleneck's fit replaced by a recorder, for speed)."""
     import importlib.util
     import shutil
     from pathlib import Path
@@ -261,6 +263,12 @@ def test_crossfit_names_the_label_llm_row_after_the_answers_its_adapter_was_trai
     spec = importlib.util.spec_from_file_location("crossfit_eval", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    extra = []  # the extra per-code scores each bottleneck row was given
+
+    def fake_bottleneck(cs, concept_p, y, direct_p=None):
+        extra.append(None if direct_p is None else direct_p.shape)
+        return score_system(concept_p[:, : y.shape[1]], y)
+    monkeypatch.setattr(mod, "bottleneck_system", fake_bottleneck)
     shipped = resolve_setup(None)
     adapter = tmp_path / "label-predicted"
     shutil.copytree(shipped.config.adapter("label"), adapter)
@@ -287,4 +295,14 @@ def test_crossfit_names_the_label_llm_row_after_the_answers_its_adapter_was_trai
     assert "CEC, label LLM, k=5 (pseudo answers) (raw)" in names
     names = [r["system"] for r in mod.main(base + ["--label-adapter", str(adapter)])["systems"]]
     assert "CEC, label LLM, k=5 (predicted answers) (raw)" in names
+    # with --train: TF-IDF alone, and as one more logit of the bottleneck over the notes as the pipeline reads them
+    words = ["fever", "cough", "pain", "rash", "edema", "anemia"]
+    train = [{"id": f"t{i}", "labels": list(cs.codes[i % 3: i % 3 + 1]),
+              "text": f"Patient with {words[i % 3]} and {words[(i + 1) % 6]}. No {words[(i + 2) % 6]}."}
+             for i in range(30)]
+    write_notes(tmp_path / "train.jsonl", train)
+    rows = {r["system"]: r for r in mod.main(base + ["--train", str(tmp_path / "train.jsonl")])["systems"]}
+    assert {"TF-IDF + LR (one-vs-rest)", "Concept bottleneck + TF-IDF logit"} <= set(rows)
+    assert rows["Concept bottleneck + TF-IDF logit"]["notes"] == len(notes)
+    assert (len(notes), len(cs.codes)) in extra  # its bottleneck read one TF-IDF score per note and code
     capsys.readouterr()

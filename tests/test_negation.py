@@ -293,3 +293,14 @@ def test_coder_notes_move_the_blanked_gold_codes_out_of_the_labels():
     assert out == [{"id": "a", "text": "no fever. cough.", "labels": ["R05"], "blanked_labels": ["R50.9"]},
                    {"id": "b", "text": "fever.", "labels": ["R50.9"]}]
     assert notes[0]["labels"] == ["R50.9", "R05"]  # the notes given are not changed
+
+
+def test_readable_notes_blank_copies_with_negation_on_and_pass_notes_through_with_off():
+    from cec.coding.negation import blank, blanked_spans, readable_notes
+
+    notes = [{"id": "a", "text": "No fever. Cough since Monday.", "labels": ["R05"]}]
+    read = readable_notes(notes, "on")
+    assert read[0]["text"] == blank(notes[0]["text"], blanked_spans(notes[0]["text"])) != notes[0]["text"]
+    assert len(read[0]["text"]) == len(notes[0]["text"]) and read[0]["labels"] == ["R05"]
+    assert notes[0]["text"] == "No fever. Cough since Monday."  # the given notes are not changed
+    assert readable_notes(notes, "off") == notes

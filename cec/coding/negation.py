@@ -144,3 +144,9 @@ def blank(text: str, spans: list[Blanked]) -> str:
     for s in spans:
         chars[s.start: s.end] = " " * (s.end - s.start)
     return "".join(chars)
+
+
+def readable_notes(notes: list[dict], mode: str) -> list[dict]:
+    """Notes ({"text", ...}) as a pipeline with negation `mode` reads them: with "on", each text blanked (copies;
+    the given notes are not changed)."""
+    return [n | {"text": blank(n["text"], blanked_spans(n["text"]))} for n in notes] if mode == "on" else notes

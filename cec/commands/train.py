@@ -278,9 +278,8 @@ def read_data(args):
     if not notes:
         raise DataError(f"{args.data}: no notes")
     dev = read_notes(args.dev) if args.dev else []
-    if args.negation == "on":  # once, here: the scores of --confused-from / --concept-adapter read these texts too
-        notes, dev = ([n | {"text": negation.blank(n["text"], negation.blanked_spans(n["text"]))} for n in ns]
-                      for ns in (notes, dev))
+    # once, here: the scores of --confused-from / --concept-adapter read these texts too
+    notes, dev = negation.readable_notes(notes, args.negation), negation.readable_notes(dev, args.negation)
     try:
         notes = check_labels(notes, concept_set, args.drop_unknown_codes)
     except DataError as e:
