@@ -8,9 +8,11 @@ Uses the notes of --notes whose stage-1 concept probabilities are in the cache (
 system has scores for: rows over fewer notes say so). Each row fits its calibration, threshold and (for the
 concept bottleneck) weights on one half of those notes and reports on the other, both ways; metrics pooled over
 all notes, with a bootstrap 95% interval of micro-F1. Prints JSON; --out also writes the Markdown table.
---fit-out FILE writes the bottleneck fitted on all the notes (its calibration and threshold: "fitted" in the JSON): what a
-pipeline ships; with --fit-direct that bottleneck also reads the fine-tuned direct question (the row "Concept
-bottleneck + direct-FT question", there whenever the cache has direct-FT scores). With --train, the row "Concept
+--fit-out FILE writes the bottleneck fitted on all the notes (its calibration and threshold: "fitted" in the JSON):
+what a pipeline ships; with --fit-direct that bottleneck also reads the fine-tuned direct question (the row "Concept
+bottleneck + direct-FT question", there whenever the cache has direct-FT scores). With --fit-train the bottleneck
+(its own row, and --fit-out) also fits on the --train notes the cache has stage-1 scores of; its calibration and
+threshold stay fitted on dev notes only. With --train, the row "Concept
 bottleneck + TF-IDF logit" reads TF-IDF + LR's logit (fitted on --train, both read as the pipeline reads notes) as
 one more shared weight: what a lexical prior would add (not a stage 2 a pipeline can ship today).
 """
@@ -24,12 +26,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cec.coding.bottleneck import Bottleneck  # noqa: E402
 from cec.coding import negation  # noqa: E402
 from cec.coding.calibration import Platt  # noqa: E402
 from cec.cli import user_errors  # noqa: E402
 from cec.engine.lora import read_adapter_config  # noqa: E402
-from cec.evaluation.crossfit import bottleneck_system, halves, score_system, two_fold  # noqa: E402
+from cec.evaluation.crossfit import bottleneck_system, fit_bottleneck, halves, score_system  # noqa: E402
+from cec.evaluation.crossfit import two_fold  # noqa: E402
 from cec.data import read_notes  # noqa: E402
 from cec.errors import ConfigError, DataError  # noqa: E402
 from cec.evaluation.score_cache import ScoreCache  # noqa: E402
@@ -71,11 +73,19 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="Markdown table to write")
     ap.add_argument("--fit-out", help="write the bottleneck fitted on all scored notes here (JSON)")
+    ap.add_argument("--fit-train", action="store_true",
+                    help="the bottleneck (a row of its own, and --fit-out) also fits on the --train notes whose "
+                         "stage-1 scores are in --cache (scripts/evaluate.py --systems concept-mean --test TRAIN "
+                         "--dev TRAIN --cache CACHE)")
     ap.add_argument("--fit-direct", action="store_true",
                     help="the --fit-out bottleneck also reads the direct-FT question (every note needs its scores)")
     args = ap.parse_args(argv)
     if args.fit_direct and not args.fit_out:
         raise ConfigError("--fit-direct says what the --fit-out bottleneck reads: give --fit-out FILE too")
+    if args.fit_train and not args.train:
+        raise ConfigError("--fit-train fits on the --train notes: give --train TRAIN too")
+    if args.fit_train and args.fit_direct:
+        raise ConfigError("--fit-train and --fit-direct: the training notes have no direct-question scores")
 
     setup = resolve_setup(args.pipeline, label_adapter=args.label_adapter)
     cs = setup.concept_set
@@ -120,6 +130,16 @@ def main(argv=None):
     for name, view in (("Concept mean, all own concepts", cs), ("Concept mean, leaf concepts", leaf_view(cs))):
         rows[name] = (score_system(concept_mean(view, torch.from_numpy(concept_p)).numpy(), y), everyone)
     rows["Concept bottleneck (linear stage 2)"] = (bottleneck_system(cs, concept_p, y), everyone)
+    also = None  # stage-1 probabilities and labels of the scored training notes (--fit-train)
+    if args.fit_train:
+        fitted_train = [n for n in train if cache.get(CONCEPTS, keys[CONCEPTS], n) is not None]
+        if len(fitted_train) < 10:
+            raise DataError(f"--fit-train: only {len(fitted_train)} notes of {args.train} have stage-1 scores in "
+                            f"{args.cache} (need 10)")
+        also = (cached(cache, (CONCEPTS, keys[CONCEPTS]), fitted_train),
+                label_matrix([n["labels"] for n in fitted_train], cs.codes))
+        rows[f"Concept bottleneck, fitted also on {len(fitted_train)} training notes"] = (
+            bottleneck_system(cs, concept_p, y, also=also), everyone)
     rows["Concept bottleneck, per-code thresholds"] = (bottleneck_system(cs, concept_p, y), everyone)
     if args.train:
         rows["Concept bottleneck + TF-IDF logit"] = (bottleneck_tfidf, everyone)
@@ -152,13 +172,12 @@ def main(argv=None):
                 raise DataError(f"--fit-direct: not every note of {args.notes} has direct-FT scores in {args.cache} "
                                 "(scripts/evaluate.py --systems direct-ft)")
             direct_p = direct_ft[0]
-        model = Bottleneck.fit(cs, concept_p, y, direct_p=direct_p)
-        oof = Bottleneck.out_of_fold(cs, concept_p, y, l2=model.l2, direct_p=direct_p)
+        model, oof = fit_bottleneck(cs, concept_p, y, np.arange(len(notes)), direct_p=direct_p, also=also)
         cal = Platt.fit(oof, y)
         model.save(args.fit_out)
         payload["fitted"] = {"bottleneck": args.fit_out, "l2": model.l2, "calibration": cal.to_json(),
                              "threshold": tune_threshold(y, cal(oof)), "notes": len(notes),
-                             "direct": model.direct}
+                             "train_notes": 0 if also is None else len(also[0]), "direct": model.direct}
     print(json.dumps(payload, indent=1))
     if args.out:
         atomic_write_text(args.out, render(payload))

@@ -8,7 +8,7 @@ import torch
 
 from cec.coding.bottleneck import L2_GRID, Bottleneck, concept_logits
 from cec.coding.calibration import Platt, expected_calibration_error
-from cec.evaluation.crossfit import bottleneck_system, halves, score_system, two_fold
+from cec.evaluation.crossfit import bottleneck_system, fit_bottleneck, halves, score_system, two_fold
 from cec.errors import ConfigError, DataError
 
 
@@ -139,6 +139,25 @@ def test_two_fold_predicts_each_note_from_the_other_half(cs):
     assert good["micro_auc"] > 0.9 and 0 <= good["ece"] <= 1
 
 
+def test_fit_bottleneck_also_fits_on_more_notes_and_scores_only_the_tuning_notes_out_of_fold(cs):
+    """also = (probabilities, labels) of more notes (the training notes): in the fit, not in the out-of-fold
+    probabilities the calibration and threshold are fitted on, and none of those from a model that saw its note."""
+    p, y = synthetic(cs, n=90)
+    tune = np.arange(30, 60)
+    alone, oof_alone = fit_bottleneck(cs, p, y, tune, l2=1.0)
+    model, oof = fit_bottleneck(cs, p, y, tune, l2=1.0, also=(p[:30], y[:30]))
+    assert oof.shape == oof_alone.shape == (30, len(cs.codes))
+    both = np.concatenate([p[:30], p[tune]]), np.concatenate([y[:30], y[tune]])
+    assert torch.equal(model.probs(p[60:]), Bottleneck.fit(cs, *both, l2=1.0).probs(p[60:]))
+    assert np.allclose(oof, Bottleneck.out_of_fold(cs, *both, l2=1.0)[30:])
+    assert not torch.allclose(model.probs(p[60:]), alone.probs(p[60:]))
+    y2 = y.copy()
+    y2[30] = ~y2[30]  # a tuning note's own label never reaches its out-of-fold probability
+    assert np.allclose(fit_bottleneck(cs, p, y2, tune, l2=1.0, also=(p[:30], y[:30]))[1][0], oof[0])
+    with pytest.raises(ValueError, match="no direct-question scores"):
+        fit_bottleneck(cs, p, y, tune, direct_p=p[:, : len(cs.codes)], also=(p[:30], y[:30]))
+
+
 def test_pipeline_with_a_linear_stage_2(cs, tmp_path):
     from tiny_train import save_tiny_model
 
@@ -265,8 +284,10 @@ def test_crossfit_names_the_label_llm_row_after_the_answers_its_adapter_was_trai
     spec.loader.exec_module(mod)
     extra = []  # the extra per-code scores each bottleneck row was given
 
-    def fake_bottleneck(cs, concept_p, y, direct_p=None):
+    def fake_bottleneck(cs, concept_p, y, direct_p=None, also=None):
         extra.append(None if direct_p is None else direct_p.shape)
+        if also is not None:
+            extra.append(("also", len(also[0])))
         return score_system(concept_p[:, : y.shape[1]], y)
     monkeypatch.setattr(mod, "bottleneck_system", fake_bottleneck)
     shipped = resolve_setup(None)
@@ -305,4 +326,18 @@ def test_crossfit_names_the_label_llm_row_after_the_answers_its_adapter_was_trai
     assert {"TF-IDF + LR (one-vs-rest)", "Concept bottleneck + TF-IDF logit"} <= set(rows)
     assert rows["Concept bottleneck + TF-IDF logit"]["notes"] == len(notes)
     assert (len(notes), len(cs.codes)) in extra  # its bottleneck read one TF-IDF score per note and code
+    # --fit-train: a row whose bottleneck also fits on the training notes the cache has stage-1 scores of
+    with pytest.raises(DataError, match="only 0 notes"):
+        mod.main(base + ["--train", str(tmp_path / "train.jsonl"), "--fit-train"])
+    cache = ScoreCache(tmp_path / "scores.jsonl")
+    for n in train[:12]:
+        cache.put(CONCEPTS, keys[CONCEPTS], n, rng.uniform(0.01, 0.9, len(cs.concepts)).tolist())
+    cache.close()
+    extra.clear()
+    rows = {r["system"]: r for r in mod.main(base + ["--train", str(tmp_path / "train.jsonl"), "--fit-train"])[
+        "systems"]}
+    assert "Concept bottleneck, fitted also on 12 training notes" in rows
+    assert ("also", 12) in extra
+    with pytest.raises(ConfigError, match="give --train"):
+        mod.main(base + ["--fit-train"])
     capsys.readouterr()

@@ -46,18 +46,33 @@ def score_system(scores: np.ndarray, y: np.ndarray, calibrate: bool = True):
     return fit
 
 
+def fit_bottleneck(cs, concept_p: np.ndarray, y: np.ndarray, tune: np.ndarray, folds: int = 5,
+                   l2: float | None = None, direct_p: np.ndarray | None = None,
+                   also: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[Bottleneck, np.ndarray]:
+    """(the concept bottleneck fitted on the notes `tune`, reading the direct question too with direct_p, and with
+    also = (stage-1 probabilities, labels) of more notes, such as the scored training notes, on those too; its
+    out-of-fold probabilities of the `tune` notes), for a calibration and threshold fitted on notes the model
+    that predicts them never saw."""
+    if also is not None and direct_p is not None:
+        raise ValueError("the extra fitting notes have no direct-question scores")
+    x, labels, d, extra = concept_p[tune], y[tune], None if direct_p is None else direct_p[tune], 0
+    if also is not None:
+        x, labels, extra = np.concatenate([also[0], x]), np.concatenate([also[1], labels]), len(also[0])
+    model = Bottleneck.fit(cs, x, labels, l2=l2, folds=folds, direct_p=d)
+    return model, Bottleneck.out_of_fold(cs, x, labels, folds=folds, l2=model.l2, direct_p=d)[extra:]
+
+
 def bottleneck_system(cs, concept_p: np.ndarray, y: np.ndarray, calibrate: bool = True, folds: int = 5,
-                      l2: float | None = None, direct_p: np.ndarray | None = None):
-    """The concept bottleneck (reading the direct question too, with direct_p) fitted on the tuning half; its
-    threshold (and calibration) from out-of-fold predictions on that half, so the tuning half is not scored by a
-    model fitted on it."""
+                      l2: float | None = None, direct_p: np.ndarray | None = None,
+                      also: tuple[np.ndarray, np.ndarray] | None = None):
+    """The concept bottleneck of fit_bottleneck fitted on the tuning half (and `also`); its threshold (and
+    calibration) from out-of-fold predictions on that half."""
     def fit(tune):
-        d = (lambda idx: None) if direct_p is None else (lambda idx: direct_p[idx])
-        model = Bottleneck.fit(cs, concept_p[tune], y[tune], l2=l2, folds=folds, direct_p=d(tune))
-        oof = Bottleneck.out_of_fold(cs, concept_p[tune], y[tune], folds=folds, l2=model.l2, direct_p=d(tune))
+        model, oof = fit_bottleneck(cs, concept_p, y, tune, folds, l2, direct_p, also)
         cal = Platt.fit(oof, y[tune]) if calibrate else None
         apply = cal if cal else (lambda s: s)
-        return (lambda idx: apply(model.probs(concept_p[idx], d(idx)).double().numpy())), apply(oof), cal
+        direct = (lambda idx: None) if direct_p is None else (lambda idx: direct_p[idx])
+        return (lambda idx: apply(model.probs(concept_p[idx], direct(idx)).double().numpy())), apply(oof), cal
     return fit
 
 
