@@ -87,6 +87,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--cache", help="dev score cache (scripts/evaluate.py): also the bottleneck with and without "
                                     "the blanked gold pairs")
     ap.add_argument("--pipeline", help="pipeline folder the cache was scored with (default: the shipped one)")
+    ap.add_argument("--fit-train", metavar="TRAIN",
+                    help="with --cache: the bottleneck also fits on the notes of TRAIN the cache has stage-1 scores of "
+                         "(as scripts/crossfit_eval.py --fit-train)")
     args = ap.parse_args(argv)
     if args.coder_notes and args.coder_notes.exists():
         raise DataError(f"--coder-notes {args.coder_notes} exists: choose a new file")
@@ -172,7 +175,15 @@ def without_pairs(args, notes, dropped: set) -> dict:
     if concept_p is None:
         raise DataError(f"{args.cache}: not every note of {args.notes} has stage-1 scores of this pipeline")
     y = label_matrix([n["labels"] for n in notes], cs.codes)
-    probs, pred, _, _ = cross_fitted(bottleneck_system(cs, concept_p, y), y)
+    also = None
+    if args.fit_train:
+        cache = ScoreCache(args.cache)
+        train = [n for n in read_notes(args.fit_train) if cache.get(CONCEPTS, key, n) is not None]
+        if len(train) < 10:
+            raise DataError(f"--fit-train: only {len(train)} notes of {args.fit_train} have stage-1 scores in "
+                            f"{args.cache}")
+        also = (cached(cache, (CONCEPTS, key), train), label_matrix([n["labels"] for n in train], cs.codes))
+    probs, pred, _, _ = cross_fitted(bottleneck_system(cs, concept_p, y, also=also), y)
     keep = np.ones(y.shape, dtype=bool)
     for i, note in enumerate(notes):
         for j, code in enumerate(cs.codes):

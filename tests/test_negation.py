@@ -234,7 +234,7 @@ def test_negation_gold_scores_the_bottleneck_with_and_without_left_out_gold_pair
         cache.put(CONCEPTS, key, note, p.tolist())
         notes.append(note)
     cache.close()
-    args = SimpleNamespace(pipeline=None, cache=str(tmp_path / "scores.jsonl"), notes="dev.jsonl")
+    args = SimpleNamespace(pipeline=None, cache=str(tmp_path / "scores.jsonl"), notes="dev.jsonl", fit_train=None)
     whole = mod.without_pairs(args, notes, set())
     assert whole["gold_pairs_left_out"] == 0
     assert whole["micro_auc_without"] == whole["micro_auc"] and whole["micro_f1_without"] == whole["micro_f1"]
@@ -243,6 +243,21 @@ def test_negation_gold_scores_the_bottleneck_with_and_without_left_out_gold_pair
     part = mod.without_pairs(args, notes, dropped)
     assert part["gold_pairs_left_out"] == 5 and part["micro_auc"] == whole["micro_auc"]
     assert part["micro_f1_without"] != whole["micro_f1"]
+    # --fit-train: the bottleneck also fits on training notes of the cache (here: 30 of the notes, renamed, with
+    # the codes they lack as labels: they pull the fit off, so the figures move)
+    from cec.data import write_notes
+
+    train = [n | {"id": "t" + n["id"], "labels": [c for c in cs.codes[:6] if c not in n["labels"]]}
+             for n in notes[:30]]
+    write_notes(tmp_path / "train.jsonl", train)
+    with pytest.raises(DataError, match="only 0 notes"):
+        mod.without_pairs(SimpleNamespace(**{**vars(args), "fit_train": str(tmp_path / "train.jsonl")}), notes, set())
+    cache = ScoreCache(tmp_path / "scores.jsonl")
+    for n, old in zip(train, notes):
+        cache.put(CONCEPTS, key, n, cache.get(CONCEPTS, key, old))
+    cache.close()
+    more = mod.without_pairs(SimpleNamespace(**{**vars(args), "fit_train": str(tmp_path / "train.jsonl")}), notes, set())
+    assert more["micro_auc"] != whole["micro_auc"]
 
 
 # -- training on the notes as a pipeline with negation on reads them ------------------------------------------
