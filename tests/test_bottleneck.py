@@ -277,6 +277,7 @@ def test_crossfit_names_the_label_llm_row_after_the_answers_its_adapter_was_trai
     from cec.data import write_notes
     from cec.evaluation.score_cache import ScoreCache
     from cec.evaluation.systems import CONCEPTS, fingerprints, resolve_setup
+    from tiny_train import made_up_stage1
 
     path = Path(__file__).resolve().parents[1] / "scripts" / "crossfit_eval.py"
     spec = importlib.util.spec_from_file_location("crossfit_eval", path)
@@ -299,15 +300,9 @@ def test_crossfit_names_the_label_llm_row_after_the_answers_its_adapter_was_trai
     keys = fingerprints(shipped, mod.LLM_SYSTEMS, "cpu", None)  # adapter bytes unchanged: the same keys
     rng = np.random.default_rng(0)
     notes, cache = [], ScoreCache(tmp_path / "scores.jsonl")
-    for i in range(24):
-        labels = [c for c in cs.codes[:4] if rng.random() < 0.4]
-        note = {"id": f"n{i}", "text": f"note {i}", "labels": labels}
-        p = rng.uniform(0.01, 0.3, len(cs.concepts))
-        for c in labels:
-            p[cs.concept_ids(c)] = rng.uniform(0.5, 0.99, len(cs.concept_ids(c)))
-        cache.put(CONCEPTS, keys[CONCEPTS], note, p.tolist())
-        code_p = [0.9 if c in labels else 0.1 for c in cs.codes]
-        cache.put("cec-k5", keys["cec-k5"], note, code_p)
+    for note, p in made_up_stage1(cs, 24, 4, rng):
+        cache.put(CONCEPTS, keys[CONCEPTS], note, p)
+        cache.put("cec-k5", keys["cec-k5"], note, [0.9 if c in note["labels"] else 0.1 for c in cs.codes])
         notes.append(note)
     cache.close()
     write_notes(tmp_path / "dev.jsonl", notes)

@@ -219,19 +219,15 @@ def test_negation_gold_scores_the_bottleneck_with_and_without_left_out_gold_pair
 
     from cec.evaluation.score_cache import ScoreCache
     from cec.evaluation.systems import CONCEPTS, fingerprints, resolve_setup
+    from tiny_train import made_up_stage1
 
     setup = resolve_setup(None)
     cs = setup.concept_set
     key = fingerprints(setup, crossfit_eval.LLM_SYSTEMS, "cpu", None)[CONCEPTS]
     rng = np.random.default_rng(0)
     notes, cache = [], ScoreCache(tmp_path / "scores.jsonl")
-    for i in range(40):
-        labels = [c for c in cs.codes[:6] if rng.random() < 0.4]
-        note = {"id": f"n{i}", "text": f"note {i}", "labels": labels}
-        p = rng.uniform(0.01, 0.3, len(cs.concepts))
-        for c in labels:
-            p[cs.concept_ids(c)] = rng.uniform(0.5, 0.99, len(cs.concept_ids(c)))
-        cache.put(CONCEPTS, key, note, p.tolist())
+    for note, p in made_up_stage1(cs, 40, 6, rng):
+        cache.put(CONCEPTS, key, note, p)
         notes.append(note)
     cache.close()
     args = SimpleNamespace(pipeline=None, cache=str(tmp_path / "scores.jsonl"), notes="dev.jsonl", fit_train=None)

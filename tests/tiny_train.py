@@ -78,3 +78,16 @@ def random_lora_(model, seed: int = 0, scale: float = 0.05) -> None:
     with torch.no_grad():
         for p in lora_parameters(model):
             p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def made_up_stage1(cs, n: int, codes: int, rng) -> list[tuple[dict, list[float]]]:
+    """n notes ("note i") labelled at random with the first `codes` codes of cs, each with stage-1 probabilities
+    of every concept: high on its codes' own concepts, low elsewhere (for score caches without running a model)."""
+    out = []
+    for i in range(n):
+        labels = [c for c in cs.codes[:codes] if rng.random() < 0.4]
+        p = rng.uniform(0.01, 0.3, len(cs.concepts))
+        for c in labels:
+            p[cs.concept_ids(c)] = rng.uniform(0.5, 0.99, len(cs.concept_ids(c)))
+        out.append(({"id": f"n{i}", "text": f"note {i}", "labels": labels}, p.tolist()))
+    return out
