@@ -12,9 +12,9 @@ all notes, with a bootstrap 95% interval of micro-F1. Prints JSON; --out also wr
 what a pipeline ships; with --fit-direct that bottleneck also reads the fine-tuned direct question (the row "Concept
 bottleneck + direct-FT question", there whenever the cache has direct-FT scores). With --fit-train the bottleneck
 (its own row, and --fit-out) also fits on the --train notes the cache has stage-1 scores of; its calibration and
-threshold stay fitted on dev notes only. With --train, the row "Concept
-bottleneck + TF-IDF logit" reads TF-IDF + LR's logit (fitted on --train, both read as the pipeline reads notes) as
-one more shared weight: what a lexical prior would add (not a stage 2 a pipeline can ship today).
+threshold stay fitted on dev notes only. With --train, the row "Concept bottleneck + TF-IDF logit" reads TF-IDF +
+LR's logit (fitted on --train, both read as the pipeline reads notes) as one more shared weight: what a lexical
+prior would add (not a stage 2 a pipeline can ship today).
 """
 import argparse
 import json
@@ -46,6 +46,15 @@ LLM_SYSTEMS = [System("cec-k5", "cec", 5), System("direct-ft", "direct-ft"), Sys
 def cached(cache, key, notes):
     rows = [cache.get(*key, n) for n in notes]
     return None if any(r is None for r in rows) else np.array(rows, dtype=np.float64)
+
+
+def scored_training_notes(cache, key: str, train: list[dict], cs, where: str, flag: str = "--fit-train"):
+    """(stage-1 probabilities, labels) of the training notes the cache has stage-1 scores of (key: CONCEPTS'),
+    for the bottleneck's `also`; fewer than 10 is a DataError."""
+    scored = [n for n in train if cache.get(CONCEPTS, key, n) is not None]
+    if len(scored) < 10:
+        raise DataError(f"{flag}: only {len(scored)} notes of {where} have stage-1 scores in {cache.path} (need 10)")
+    return cached(cache, (CONCEPTS, key), scored), label_matrix([n["labels"] for n in scored], cs.codes)
 
 
 def concept_stage_metrics(cs, concept_p: np.ndarray, y: np.ndarray, threshold: float = 0.5) -> dict:
@@ -132,13 +141,8 @@ def main(argv=None):
     rows["Concept bottleneck (linear stage 2)"] = (bottleneck_system(cs, concept_p, y), everyone)
     also = None  # stage-1 probabilities and labels of the scored training notes (--fit-train)
     if args.fit_train:
-        fitted_train = [n for n in train if cache.get(CONCEPTS, keys[CONCEPTS], n) is not None]
-        if len(fitted_train) < 10:
-            raise DataError(f"--fit-train: only {len(fitted_train)} notes of {args.train} have stage-1 scores in "
-                            f"{args.cache} (need 10)")
-        also = (cached(cache, (CONCEPTS, keys[CONCEPTS]), fitted_train),
-                label_matrix([n["labels"] for n in fitted_train], cs.codes))
-        rows[f"Concept bottleneck, fitted also on {len(fitted_train)} training notes"] = (
+        also = scored_training_notes(cache, keys[CONCEPTS], train, cs, args.train)
+        rows[f"Concept bottleneck, fitted also on {len(also[0])} training notes"] = (
             bottleneck_system(cs, concept_p, y, also=also), everyone)
     rows["Concept bottleneck, per-code thresholds"] = (bottleneck_system(cs, concept_p, y), everyone)
     if args.train:

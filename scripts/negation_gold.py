@@ -162,7 +162,7 @@ def without_pairs(args, notes, dropped: set) -> dict:
     pairs left out (AUC: neither positive nor negative; F1: counted as not gold)."""
     import numpy as np
 
-    from crossfit_eval import LLM_SYSTEMS, cached  # noqa: E402 -- scripts/, beside this file
+    from crossfit_eval import LLM_SYSTEMS, cached, scored_training_notes  # noqa: E402 -- scripts/, beside this file
     from cec.evaluation.crossfit import bottleneck_system, cross_fitted
     from cec.evaluation.metrics import label_matrix
     from cec.evaluation.score_cache import ScoreCache
@@ -171,18 +171,13 @@ def without_pairs(args, notes, dropped: set) -> dict:
     setup = resolve_setup(args.pipeline)
     cs = setup.concept_set
     key = fingerprints(setup, LLM_SYSTEMS, "cpu", None)[CONCEPTS]
-    concept_p = cached(ScoreCache(args.cache), (CONCEPTS, key), notes)
+    cache = ScoreCache(args.cache)
+    concept_p = cached(cache, (CONCEPTS, key), notes)
     if concept_p is None:
         raise DataError(f"{args.cache}: not every note of {args.notes} has stage-1 scores of this pipeline")
     y = label_matrix([n["labels"] for n in notes], cs.codes)
-    also = None
-    if args.fit_train:
-        cache = ScoreCache(args.cache)
-        train = [n for n in read_notes(args.fit_train) if cache.get(CONCEPTS, key, n) is not None]
-        if len(train) < 10:
-            raise DataError(f"--fit-train: only {len(train)} notes of {args.fit_train} have stage-1 scores in "
-                            f"{args.cache}")
-        also = (cached(cache, (CONCEPTS, key), train), label_matrix([n["labels"] for n in train], cs.codes))
+    also = None if not args.fit_train else scored_training_notes(cache, key, read_notes(args.fit_train), cs,
+                                                                 args.fit_train)
     probs, pred, _, _ = cross_fitted(bottleneck_system(cs, concept_p, y, also=also), y)
     keep = np.ones(y.shape, dtype=bool)
     for i, note in enumerate(notes):
