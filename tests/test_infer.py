@@ -171,9 +171,11 @@ def test_adapters_from_the_pipeline_folder_change_the_scores(plain_doc, tiny, tm
     assert probs(both_none) == pytest.approx(probs(plain), abs=1e-6)
 
 
-def test_label_layout_follows_the_adapter_and_scores_equal_naive(tiny, tmp_path):
-    """A label adapter trained with the compact layout (cec_adapter.json "prompts") makes the pipeline ask compact
-    code questions; its code probabilities equal naive full-prompt scoring of exactly that text."""
+@pytest.mark.parametrize("layout", ["compact", "compact-probs"])
+def test_label_layout_follows_the_adapter_and_scores_equal_naive(tiny, tmp_path, layout):
+    """A label adapter trained with the compact layout (cec_adapter.json "prompts"; or compact with each answer's
+    probability) makes the pipeline ask those code questions; its code probabilities equal naive full-prompt
+    scoring of exactly that text."""
     import torch
 
     from cec.coding import prompts, stages
@@ -184,20 +186,23 @@ def test_label_layout_follows_the_adapter_and_scores_equal_naive(tiny, tmp_path)
     folder = tmp_path / "compact"
     shutil.copytree(tiny / "adapted", folder)
     meta_path = folder / "label" / "cec_adapter.json"
-    meta_path.write_text(json.dumps(json.loads(meta_path.read_text()) | {"prompts": "compact"}))
+    meta_path.write_text(json.dumps(json.loads(meta_path.read_text()) | {"prompts": layout}))
     pipe = CECPipeline.load(folder, fold=False)
-    assert pipe.layout == "compact" and CECPipeline.load(tiny / "adapted").layout == "paper"
+    assert pipe.layout == layout and CECPipeline.load(tiny / "adapted").layout == "paper"
     assert CECPipeline.load(folder, label_layout="paper").layout == "paper"
     result = pipe.code_note(NOTE, "n0")
     shown = shown_concepts(pipe.config, pipe.cs, result.concept_probs, "n0")
     assert result.shown == shown
-    positive = (result.concept_probs >= pipe.config.concept_threshold).tolist()
-    texts = [prompts.compact_label_question(pipe.cs.descriptions[c],
-                                            [(pipe.cs.concepts[i].text, positive[i]) for i in ids])
+    p = result.concept_probs.tolist()
+    make_prefix, make_question = {"compact": (prompts.compact_label_prefix, prompts.compact_label_question),
+                                  "compact-probs": (prompts.probs_label_prefix, prompts.probs_label_question)}[layout]
+    texts = [make_question(pipe.cs.descriptions[c],
+                           [(pipe.cs.concepts[i].text, p[i] >= pipe.config.concept_threshold, p[i]) for i in ids])
              for c, ids in zip(pipe.cs.codes, shown)]
     assert all(t.startswith("---\n### Concepts:\n- ") for t in texts)
-    prefix, questions = stages.encode(pipe.tokenizer, prompts.compact_label_prefix(NOTE), texts)
-    yes, no = stages.LABEL_COMPACT.answer_ids(pipe.tokenizer)
+    assert (f"({p[shown[0][0]]:.2f})" in texts[0]) == (layout == "compact-probs")
+    prefix, questions = stages.encode(pipe.tokenizer, make_prefix(NOTE), texts)
+    yes, no = stages.get("label", layout).answer_ids(pipe.tokenizer)
     naive = torch.sigmoid(score_naive(pipe.label_model, head_for(pipe.label_model, yes, no), prefix, questions))
     assert result.code_probs.tolist() == pytest.approx(naive.tolist(), abs=1e-5)
     got = {c["code"]: c["probability"] for c in code_list(result, pipe)}  # the JSON's: rounded to 6 digits

@@ -26,8 +26,9 @@ def random_probs(cs, seed):
     return torch.rand(len(cs.concepts), generator=g)
 
 
-@pytest.mark.parametrize("sampling,threshold", [("top", 0.5), ("random", 0.3), ("top", 0.8)])
-def test_predicted_questions_show_what_inference_shows(sampling, threshold):
+@pytest.mark.parametrize("sampling,threshold,layout", [("top", 0.5, "paper"), ("random", 0.3, "paper"),
+                                                       ("top", 0.8, "paper"), ("top", 0.5, "compact-probs")])
+def test_predicted_questions_show_what_inference_shows(sampling, threshold, layout):
     cs = tiny_concept_set()
     notes = tiny_notes(6)
     config = PipelineConfig(k=2, m=2, sampling=sampling, concept_threshold=threshold, seed=3)
@@ -36,14 +37,18 @@ def test_predicted_questions_show_what_inference_shows(sampling, threshold):
     opts = ExampleOptions(k=2, m=2)
     for note in notes:
         for epoch in (0, 1):
-            ex = build_examples(stages.LABEL, note, cs, seed=7, epoch=epoch, opts=opts, drawer=answers)
+            stage = stages.get("label", layout)
+            ex = build_examples(stage, note, cs, seed=7, epoch=epoch, opts=opts, drawer=answers)
             p = probs[note["id"]]
             shown = shown_concepts(config, cs, p, f"{epoch}/{note['id']}")
             for question, label, code in zip(ex.questions, ex.labels, ex.keys):
                 ids = shown[cs.codes.index(code)]
-                expected = stages.LABEL.question(cs.descriptions[code],
-                                                 [(cs.concepts[i].text, bool(p[i] >= threshold)) for i in ids])
+                shown_answers = [(cs.concepts[i].text, bool(p[i] >= threshold), float(p[i])) for i in ids]
+                expected = stage.question(cs.descriptions[code], shown_answers)
                 assert question == expected and label == int(code in note["labels"])
+                if stage.shows_probabilities:  # "Yes (0.93)": the very probability the concept model gave
+                    text, yes, prob = shown_answers[0]
+                    assert f"- {text}: {'Yes' if yes else 'No'} ({prob:.2f})\n" in question
                 own = [i for i in ids if i in cs.concept_ids(code)]
                 if sampling == "top":  # the code's highest-scoring concepts, as inference shows them
                     assert sorted(own) == sorted(sorted(cs.concept_ids(code), key=lambda i: -float(p[i]))[:2])
@@ -76,7 +81,7 @@ def paper_draw_label(stage, note, cs, rng, opts):
     return out
 
 
-@pytest.mark.parametrize("layout", stages.LABEL_LAYOUTS)
+@pytest.mark.parametrize("layout", [x for x in stages.LABEL_LAYOUTS if not stages.get("label", x).shows_probabilities])
 def test_pseudo_answers_are_the_papers_unchanged(layout):
     cs, stage = tiny_concept_set(), stages.get("label", layout)
     for opts in (ExampleOptions(), ExampleOptions(k=1, m=3, false_ratio=2.0, min_false=1)):
@@ -167,6 +172,8 @@ def test_bad_concept_answers_input_is_one_line_and_exit_2(files, tmp_path, capsy
          "--concept-adapter is for --concept-answers predicted"),
         (["--stage", "label", "--concept-answers", "predicted", "--concept-adapter", str(files / "concept"),
           "--concept-threshold", "2"], "--concept-threshold must be in [0, 1]"),
+        (["--stage", "label", "--label-layout", "compact-probs"],
+         "--label-layout compact-probs shows the concept model's probabilities"),
     ]
     for extra, expected in cases:
         code, line = run_main(base + extra, capsys)

@@ -104,9 +104,28 @@ def test_compact_label_layout_moves_the_code_independent_text_into_the_prefix():
         stages.get("label", "short")
 
 
+def test_compact_probs_layout_shows_each_answers_probability():
+    compact, probs = stages.get("label", "compact"), stages.get("label", "compact-probs")
+    answers = [("Aspiration events", False, 0.0712), ("Ventilator management", True, 0.925)]
+    q = probs.question("Essential hypertension", answers)
+    assert q == ("---\n### Concepts:\n- Aspiration events: No (0.07)\n- Ventilator management: Yes (0.93)\n"
+                 "### Question: Does the patient contain the disease 'Essential hypertension'?\n### Response:")
+    assert compact.question("Essential hypertension", answers) == compact.question(
+        "Essential hypertension", [a[:2] for a in answers])  # the other layouts do not show it
+    prefix = probs.prefix("NOTE")
+    assert prefix.endswith(prompts.LABEL_PROBS_GUIDE) and "probability of Yes" in prefix
+    assert prefix.startswith(compact.prefix("NOTE")[: -len(prompts.LABEL_COMPACT_GUIDE)])
+    assert probs.shows_probabilities and not compact.shows_probabilities
+    tok = tiny_tokenizer()
+    assert probs.answer_ids(tok) == compact.answer_ids(tok)
+    for pseudo in ([("Aspiration events", False)], [("Aspiration events", False, None)]):
+        with pytest.raises(ValueError, match="shows the concept model's probabilities"):
+            probs.question("Essential hypertension", pseudo)
+
+
 def test_stage_lookup_and_misuse_are_clear_errors():
     assert [stages.get(name).name for name in stages.NAMES] == list(stages.NAMES)
-    assert stages.LABEL_LAYOUTS == ("paper", "compact") and stages.LAYOUTS["concept"] == ("paper",)
+    assert stages.LABEL_LAYOUTS == ("paper", "compact", "compact-probs") and stages.LAYOUTS["concept"] == ("paper",)
     with pytest.raises(ValueError, match="unknown stage 'codes'"):
         stages.get("codes")
     with pytest.raises(ValueError, match="unknown concept layout 'compact'"):
@@ -119,7 +138,7 @@ def test_stage_lookup_and_misuse_are_clear_errors():
 def test_stage_texts_are_the_fixed_text_of_its_prompts(key):
     """A cache fingerprint hashes stage.texts: each of them is in the stage's prompts, and layouts differ."""
     stage = stages.STAGES[key]
-    prompt = stage.prefix("NOTE") + stage.question("SUBJECT", [("CONCEPT", True)] if stage.shows_concepts else ())
+    prompt = stage.prefix("NOTE") + stage.question("SUBJECT", [("CONCEPT", True, 0.9)] if stage.shows_concepts else ())
     for text in stage.texts:
         for piece in text.replace("{", "}").split("}")[::2]:  # the literal text between placeholders
             assert piece in prompt, (key, piece)

@@ -16,8 +16,9 @@ place where a pipeline folder and overrides of its fields become the config it r
 A pipeline folder (what `infer.py --pipeline` takes and what training writes) holds `cec_pipeline.json`:
     {"base_model", "concept_set", "concept_adapter", "label_adapter", "direct_adapter", "concept_threshold", "threshold",
      "k", "m", "sampling", "label_layout", "max_note_tokens", "dev_metrics"}
-with the adapter paths relative to the folder. label_layout ("paper" or "compact", cec.coding.stages) defaults to
-the layout the label adapter was trained with (its cec_adapter.json), "paper" without one.
+with the adapter paths relative to the folder. label_layout ("paper", "compact" or "compact-probs",
+cec.coding.stages) defaults to the layout the label adapter was trained with (its cec_adapter.json), "paper"
+without one.
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ class PipelineConfig:
     k: int = 5  # concepts of the code's own set shown to the label model
     m: int = 2  # predicted-negative concepts from outside the code's set
     sampling: str = "top"  # "top": the code's highest-scoring concepts; "random": the paper's random sample
-    label_layout: str | None = None  # "paper" | "compact"; None = the label adapter's, else "paper"
+    label_layout: str | None = None  # "paper" | "compact" | "compact-probs"; None = the label adapter's, else "paper"
     max_note_tokens: int = 3000  # longer notes are segmented by section (cec.coding.segment) to this budget
     seed: int = 0
     label_stage: str = "llm"  # stage 2: "llm" (the label adapter, paper Sec. 3.4) or "linear" (cec.coding.bottleneck)
@@ -232,6 +233,14 @@ def shown_concepts(config: PipelineConfig, cs, concept_p: torch.Tensor, note_id:
     return shown
 
 
+def predicted_answers(config: PipelineConfig, cs, concept_p: torch.Tensor, shown: list[list[int]]
+                      ) -> list[list[tuple[str, bool, float]]]:
+    """Per code (cs.codes order), the (concept, answered yes, P(yes)) items its stage-2 question shows: the
+    concept model's answers, Yes at P >= concept_threshold. Inference and training (predicted answers) alike."""
+    p = concept_p.tolist()
+    return [[(cs.concepts[i].text, p[i] >= config.concept_threshold, p[i]) for i in ids] for ids in shown]
+
+
 @dataclass
 class NoteResult:
     """One coded note, unrounded; cec.coding.output turns it into the JSON contract."""
@@ -366,11 +375,9 @@ class CECPipeline:
     def label_question_ids(self, concept_p: torch.Tensor, shown: list[list[int]], cs=None) -> list[list[int]]:
         """Token ids of the code questions (cs.codes order) showing these concepts with their predicted answers."""
         cs = cs or self.cs
-        positive = (concept_p >= self.config.concept_threshold).tolist()
         stage = self.stages["label"]
-        return [question_ids(self.tokenizer, stage.question(
-                    cs.descriptions[code], [(cs.concepts[i].text, positive[i]) for i in ids]))
-                for code, ids in zip(cs.codes, shown)]
+        return [question_ids(self.tokenizer, stage.question(cs.descriptions[code], answers))
+                for code, answers in zip(cs.codes, predicted_answers(self.config, cs, concept_p, shown))]
 
     @torch.no_grad()
     def code_probs(self, text: str, concept_p: torch.Tensor, variants: list[tuple[list[list[int]], object]]

@@ -63,7 +63,11 @@ LABEL_COMPACT_GUIDE = (
     "note (M) and your answers, say whether the patient contains the disease. Answer in a clear Yes/No format, on "
     "a new line: 'Yes' or 'No'.\n"
 )
+LABEL_PROBS_GUIDE = LABEL_COMPACT_GUIDE.replace(
+    "with your answer to each (Yes or No)", "with your answer to each (Yes or No) and your probability of Yes")
 LABEL_COMPACT_CONCEPT_LINE = "- {concept}: {answer}\n"
+# the "compact-probs" layout: each answer with the concept model's probability, "Yes (0.93)" (issue 15)
+LABEL_PROBS_ANSWER = "{answer} ({p:.2f})"
 LABEL_COMPACT_QUESTION = "---\n### Concepts:\n{lines}### Question: Does the patient contain the disease '{description}'?\n### Response:"
 
 DIRECT_INSTRUCTION = (
@@ -94,9 +98,14 @@ def label_prefix(note: str) -> str:
     return LABEL_INSTRUCTION + note
 
 
-def label_question(description: str, concept_answers: Sequence[tuple[str, bool]]) -> str:
-    """The text after the label prefix: the concept predictions ("Yes"/"No" each), then the code question."""
-    lines = "".join(LABEL_CONCEPT_LINE.format(concept=c, answer="Yes" if yes else "No") for c, yes in concept_answers)
+def yes_no(yes: bool) -> str:
+    return "Yes" if yes else "No"
+
+
+def label_question(description: str, concept_answers: Sequence[tuple]) -> str:
+    """The text after the label prefix: the concept predictions ("Yes"/"No" each), then the code question.
+    concept_answers: (concept, answered yes) or (concept, answered yes, P(yes)) items; the probability is not shown."""
+    lines = "".join(LABEL_CONCEPT_LINE.format(concept=c, answer=yes_no(yes)) for c, yes, *_ in concept_answers)
     return LABEL_CONCEPTS_INTRO + lines + LABEL_QUESTION.format(description=description)
 
 
@@ -104,9 +113,22 @@ def compact_label_prefix(note: str) -> str:
     return LABEL_INSTRUCTION + note + LABEL_COMPACT_GUIDE
 
 
-def compact_label_question(description: str, concept_answers: Sequence[tuple[str, bool]]) -> str:
-    lines = "".join(LABEL_COMPACT_CONCEPT_LINE.format(concept=c, answer="Yes" if yes else "No")
-                    for c, yes in concept_answers)
+def compact_label_question(description: str, concept_answers: Sequence[tuple]) -> str:
+    lines = "".join(LABEL_COMPACT_CONCEPT_LINE.format(concept=c, answer=yes_no(yes)) for c, yes, *_ in concept_answers)
+    return LABEL_COMPACT_QUESTION.format(lines=lines, description=description)
+
+
+def probs_label_prefix(note: str) -> str:
+    return LABEL_INSTRUCTION + note + LABEL_PROBS_GUIDE
+
+
+def probs_label_question(description: str, concept_answers: Sequence[tuple]) -> str:
+    """The compact question with each answer's probability: (concept, answered yes, P(yes)) items, where P(yes)
+    is the concept model's; pseudo answers have none (a ValueError)."""
+    if any(len(a) < 3 or a[2] is None for a in concept_answers):
+        raise ValueError("the compact-probs layout shows the concept model's probabilities: these answers have none")
+    lines = "".join(LABEL_COMPACT_CONCEPT_LINE.format(concept=c, answer=LABEL_PROBS_ANSWER.format(answer=yes_no(yes), p=p))
+                    for c, yes, p in concept_answers)
     return LABEL_COMPACT_QUESTION.format(lines=lines, description=description)
 
 

@@ -2,7 +2,8 @@
 
 - concept (Fig. 3): is concept c relevant to the note? Stage 1 of inference.
 - label (Fig. 4): does the patient have code y, given the answers about some concepts? Stage 2. One Stage per
-  prompt layout: "paper" (Fig. 4 verbatim) and "compact" (cec.coding.prompts).
+  prompt layout: "paper" (Fig. 4 verbatim), "compact" and "compact-probs" (compact, each answer with the
+  concept model's probability; cec.coding.prompts).
 - direct (Table 2's baseline): does the note report code y? No concepts.
 
 A Stage is what the trainer, the pipeline and the evaluation need of it: its prefix (instruction + note, shared
@@ -47,13 +48,14 @@ class TrainDefaults:
 @dataclass(frozen=True)
 class Stage:
     name: str  # one of NAMES
-    layout: str  # prompt layout: "paper", or for the label stage also "compact"
+    layout: str  # prompt layout: "paper", or for the label stage also "compact" and "compact-probs"
     make_prefix: Callable[[str], str]  # note -> prefix text
-    make_question: Callable[[str, Sequence[tuple[str, bool]]], str]  # (subject, shown concept answers) -> text
+    make_question: Callable[[str, Sequence[tuple]], str]  # (subject, shown concept answers) -> text
     texts: tuple[str, ...]  # every fixed string of its prompts
     train_defaults: TrainDefaults
     builder: Callable  # (stage, note, concept set, rng, options) -> [(question text, label, key)]
     shows_concepts: bool = False  # its questions carry concept answers (the label stage)
+    shows_probabilities: bool = False  # and each answer's P(yes): only the concept model's answers have one
     sample_subject: str = "disease"  # what the sample prompt that answer_ids reads asks about
     yes_answers: tuple[str, ...] = prompts.YES_ANSWERS
     no_answers: tuple[str, ...] = prompts.NO_ANSWERS
@@ -61,9 +63,10 @@ class Stage:
     def prefix(self, note: str) -> str:
         return self.make_prefix(note)
 
-    def question(self, subject: str, shown: Sequence[tuple[str, bool]] = ()) -> str:
+    def question(self, subject: str, shown: Sequence[tuple] = ()) -> str:
         """The text after the prefix: subject is a concept (concept stage) or a code description; shown the
-        (concept, answered yes) pairs a label question lists."""
+        (concept, answered yes[, P(yes)]) items a label question lists (the probability from the concept model,
+        shown by the compact-probs layout only)."""
         if shown and not self.shows_concepts:
             raise ValueError(f"a {self.name} question shows no concepts")
         return self.make_question(subject, shown)
@@ -77,7 +80,7 @@ class Stage:
         """(yes ids, no ids) of the answer spellings, read after a sample prompt of this stage the way the model
         sees it (cec.engine.heads.answer_token_ids)."""
         prompt = self.prefix("note") + self.question(self.sample_subject,
-                                                     [("concept", True)] if self.shows_concepts else ())
+                                                     [("concept", True, 0.9)] if self.shows_concepts else ())
         return (answer_token_ids(tokenizer.encode, prompt, self.yes_answers),
                 answer_token_ids(tokenizer.encode, prompt, self.no_answers))
 
@@ -170,11 +173,16 @@ LABEL_COMPACT = Stage("label", "compact", prompts.compact_label_prefix, prompts.
                       (prompts.LABEL_INSTRUCTION, prompts.LABEL_COMPACT_GUIDE, prompts.LABEL_COMPACT_CONCEPT_LINE,
                        prompts.LABEL_COMPACT_QUESTION),
                       LABEL.train_defaults, _draw_label, shows_concepts=True)
+# compact, each answer with the concept model's probability ("Yes (0.93)"): predicted answers only
+LABEL_PROBS = Stage("label", "compact-probs", prompts.probs_label_prefix, prompts.probs_label_question,
+                    (prompts.LABEL_INSTRUCTION, prompts.LABEL_PROBS_GUIDE, prompts.LABEL_COMPACT_CONCEPT_LINE,
+                     prompts.LABEL_PROBS_ANSWER, prompts.LABEL_COMPACT_QUESTION),
+                    LABEL.train_defaults, _draw_label, shows_concepts=True, shows_probabilities=True)
 DIRECT = Stage("direct", "paper", prompts.direct_prefix,
                lambda description, shown: prompts.direct_question(description),
                (prompts.DIRECT_INSTRUCTION, prompts.DIRECT_QUESTION), TrainDefaults(steps=100), _draw_direct)
 
-STAGES = {(s.name, s.layout): s for s in (CONCEPT, LABEL, LABEL_COMPACT, DIRECT)}
+STAGES = {(s.name, s.layout): s for s in (CONCEPT, LABEL, LABEL_COMPACT, LABEL_PROBS, DIRECT)}
 LAYOUTS = {name: tuple(layout for n, layout in STAGES if n == name) for name in NAMES}
 LABEL_LAYOUTS = LAYOUTS["label"]
 

@@ -293,8 +293,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=positive_int, metavar="N", help="concepts of a code's own set shown to the code stage")
     p.add_argument("--sampling", choices=("top", "random"), help="which k concepts: highest-scoring or random")
     p.add_argument("--label-layout", choices=stages.LABEL_LAYOUTS,
-                   help="code-stage prompt: Fig. 4 verbatim or compact (default: the one the label adapter was "
-                        "trained with)")
+                   help="code-stage prompt: Fig. 4 verbatim, compact, or compact with each answer's probability "
+                        "(default: the one the label adapter was trained with)")
     p.add_argument("--negation", choices=("on", "off"),
                    help="blank clauses that state a finding as absent, past or of a relative before coding (the "
                         "JSON's not_read lists them; default: the pipeline's)")

@@ -132,7 +132,9 @@ def parse_args(argv=None, prog: str = "train.py") -> argparse.Namespace:
     g.add_argument("--label-layout", choices=stages.LABEL_LAYOUTS, default="paper",
                    help="label: 'paper' = Fig. 4 verbatim; 'compact' = the code-independent text once in the shared "
                         "prefix, one short line per concept answer (about 3x fewer tokens per code question at "
-                        "inference); the adapter records it and the pipeline follows (default: %(default)s)")
+                        "inference); 'compact-probs' = compact, each answer with the concept model's probability, "
+                        "'Yes (0.93)' (needs --concept-answers predicted); the adapter records it and the pipeline "
+                        "follows (default: %(default)s)")
     g.add_argument("--concept-answers", choices=CONCEPT_ANSWERS,
                    help="label: the concept answers its questions show: 'pseudo' = from the gold codes (the paper, "
                         "App. C); 'predicted' = the --concept-adapter's own answers on each training note, the "
@@ -186,6 +188,9 @@ def check_concept_answers(args) -> None:
         given = [name for name, v in predicted_flags.items() if v is not None]
         if given:
             raise ConfigError(f"{given[0]} is for --concept-answers predicted (this run shows pseudo answers)")
+        if stages.get("label", args.label_layout).shows_probabilities:
+            raise ConfigError(f"--label-layout {args.label_layout} shows the concept model's probabilities: train it "
+                              "with --concept-answers predicted --concept-adapter DIR (pseudo answers have none)")
         return
     if not args.concept_adapter:
         raise ConfigError("--concept-answers predicted needs --concept-adapter DIR (a concept-stage adapter)")

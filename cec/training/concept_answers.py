@@ -4,7 +4,7 @@ The paper's label examples show pseudo answers made from the gold codes (cec.cod
 answers come from the concept model. Here every training note is scored by a concept adapter as inference
 scores it (CECPipeline.concept_probs on the fitted note), and each code question shows what inference would
 show: shown_concepts' k own concepts (top or random) + m predicted negatives from outside, answered Yes when
-P >= concept_threshold. Which codes a note is asked about stays the paper's (stages.label_codes); the label is
+P >= concept_threshold (pipeline.predicted_answers; the compact-probs layout also shows each P). Which codes a note is asked about stays the paper's (stages.label_codes); the label is
 whether the code is gold.
 
 The concept probabilities go to a score cache in the run folder (cec.evaluation.score_cache, the evaluation's
@@ -19,7 +19,8 @@ import torch
 from tqdm import tqdm
 
 from cec.coding import stages
-from cec.coding.pipeline import CECPipeline, PipelineConfig, load_stage_adapter, share_base, shown_concepts
+from cec.coding.pipeline import CECPipeline, PipelineConfig, load_stage_adapter, predicted_answers, share_base
+from cec.coding.pipeline import shown_concepts
 from cec.evaluation.score_cache import ScoreCache
 from cec.evaluation.systems import CONCEPTS, EvalSetup, adapter_hash, fingerprints
 
@@ -68,8 +69,8 @@ class PredictedAnswers:
 
     def draw(self, stage: stages.Stage, note: dict, rng: random.Random, opts, epoch: int
              ) -> list[tuple[str, int, str]]:
-        cs, p = self.cs, self.probs[note["id"]]
-        positive = (p >= self.config.concept_threshold).tolist()
-        shown = dict(zip(cs.codes, self.shown(note["id"], epoch)))
-        return [(stage.question(cs.descriptions[code], [(cs.concepts[i].text, positive[i]) for i in shown[code]]),
-                 y, code) for code, y in stages.label_codes(note, cs, rng, opts)]
+        cs = self.cs
+        answers = dict(zip(cs.codes, predicted_answers(self.config, cs, self.probs[note["id"]],
+                                                       self.shown(note["id"], epoch))))
+        return [(stage.question(cs.descriptions[code], answers[code]), y, code)
+                for code, y in stages.label_codes(note, cs, rng, opts)]
