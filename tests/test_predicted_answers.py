@@ -122,7 +122,8 @@ def run_main(argv, capsys):
 def test_predicted_run_scores_once_records_the_option_and_resumes(files, tmp_path, monkeypatch, capsys):
     out = tmp_path / "label"
     a = common(files, out) + ["--stage", "label", "--steps", "2", "--concept-answers", "predicted",
-                              "--concept-adapter", str(files / "concept"), "--label-sampling", "random"]
+                              "--concept-adapter", str(files / "concept"), "--label-sampling", "random",
+                              "--label-layout", "compact-probs"]
     calls = []
     real = CECPipeline.concept_probs
     monkeypatch.setattr(CECPipeline, "concept_probs", lambda self, *x, **kw: calls.append(1) or real(self, *x, **kw))
@@ -148,6 +149,7 @@ def test_predicted_run_scores_once_records_the_option_and_resumes(files, tmp_pat
     meta = json.loads((out / "cec_adapter.json").read_text())
     assert meta["stage"] == "label" and meta["concept_answers"] == "predicted" and meta["sampling"] == "random"
     assert meta["concept_adapter"] == str((files / "concept").resolve()) and meta["concept_threshold"] == 0.5
+    assert meta["prompts"] == "compact-probs"  # "Yes (0.93)": the pipeline follows the adapter's layout
 
 
 def test_a_pseudo_label_run_records_its_answers(files, tmp_path):
