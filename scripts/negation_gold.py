@@ -22,7 +22,8 @@ is looked for in the Spanish words just before the mention and in the mention it
 --cache SCORES (the dev score cache of scripts/evaluate.py, notes read with negation on; --pipeline the folder it
 was scored with) adds the concept bottleneck's two-fold figures (scripts/crossfit_eval.py's row) against all gold
 and without the gold (note, code) pairs whose every mention is blanked: what reading like a coder costs against
-CodiEsp's gold.
+CodiEsp's gold; once fitted on all gold, once on the labels a coder would give the blanked notes
+(`fitted_on_coder_labels`: what a pipeline that does not learn to code negated findings ships).
 """
 import argparse
 import json
@@ -89,7 +90,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--pipeline", help="pipeline folder the cache was scored with (default: the shipped one)")
     ap.add_argument("--fit-train", metavar="TRAIN",
                     help="with --cache: the bottleneck also fits on the notes of TRAIN the cache has stage-1 scores of "
-                         "(as scripts/crossfit_eval.py --fit-train)")
+                         "(as scripts/crossfit_eval.py --fit-train); the --coder-notes file of --split train gives "
+                         "the coder-label fit its labels (all gold: labels + blanked_labels)")
     args = ap.parse_args(argv)
     if args.coder_notes and args.coder_notes.exists():
         raise DataError(f"--coder-notes {args.coder_notes} exists: choose a new file")
@@ -159,7 +161,8 @@ def coder_notes(notes: list[dict], dropped: set) -> list[dict]:
 
 def without_pairs(args, notes, dropped: set) -> dict:
     """The bottleneck's two-fold micro-AUC and micro-F1 over all gold, and with the `dropped` gold (note, code)
-    pairs left out (AUC: neither positive nor negative; F1: counted as not gold)."""
+    pairs left out (AUC: neither positive nor negative; F1: counted as not gold); for the bottleneck fitted on
+    all gold, and (fitted_on_coder_labels) on the labels a coder would give the blanked notes."""
     import numpy as np
 
     from crossfit_eval import LLM_SYSTEMS, cached, scored_training_notes  # noqa: E402 -- scripts/, beside this file
@@ -176,16 +179,23 @@ def without_pairs(args, notes, dropped: set) -> dict:
     if concept_p is None:
         raise DataError(f"{args.cache}: not every note of {args.notes} has stage-1 scores of this pipeline")
     y = label_matrix([n["labels"] for n in notes], cs.codes)
-    also = None if not args.fit_train else scored_training_notes(cache, key, read_notes(args.fit_train), cs,
-                                                                 args.fit_train)
-    probs, pred, _, _ = cross_fitted(bottleneck_system(cs, concept_p, y, also=also), y)
     keep = np.ones(y.shape, dtype=bool)
     for i, note in enumerate(notes):
         for j, code in enumerate(cs.codes):
             keep[i, j] = not (y[i, j] and (note["id"], code) in dropped)
+    train = read_notes(args.fit_train) if args.fit_train else None
+
+    def figures(labels, train_labels):
+        also = None if train is None else scored_training_notes(
+            cache, key, [n | {"labels": train_labels(n)} for n in train], cs, args.fit_train)
+        probs, pred, _, _ = cross_fitted(bottleneck_system(cs, concept_p, labels, also=also), labels)
+        return {"micro_auc": roc_auc(y.ravel(), probs.ravel()), "micro_auc_without": roc_auc(y[keep], probs[keep]),
+                "micro_f1": micro_f1(y, pred), "micro_f1_without": micro_f1(y & keep, pred)}
+    # fitted on all gold (training notes: their labels and blanked_labels), and on what a coder would code from
+    # the blanked note (dev: without the dropped pairs; training notes: their labels, as --coder-notes writes them)
     return {"gold_pairs_left_out": int((~keep).sum()),
-            "micro_auc": roc_auc(y.ravel(), probs.ravel()), "micro_auc_without": roc_auc(y[keep], probs[keep]),
-            "micro_f1": micro_f1(y, pred), "micro_f1_without": micro_f1(y & keep, pred)}
+            **figures(y, lambda n: n["labels"] + n.get("blanked_labels", [])),
+            "fitted_on_coder_labels": figures(y & keep, lambda n: n["labels"])}
 
 
 if __name__ == "__main__":

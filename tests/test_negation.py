@@ -239,6 +239,9 @@ def test_negation_gold_scores_the_bottleneck_with_and_without_left_out_gold_pair
     part = mod.without_pairs(args, notes, dropped)
     assert part["gold_pairs_left_out"] == 5 and part["micro_auc"] == whole["micro_auc"]
     assert part["micro_f1_without"] != whole["micro_f1"]
+    # fitted on coder labels: the same as on all gold when nothing is dropped, another fit when pairs are
+    assert whole["fitted_on_coder_labels"] == {k: whole[k] for k in whole["fitted_on_coder_labels"]}
+    assert part["fitted_on_coder_labels"]["micro_f1"] < part["micro_f1"]  # it learnt not to code those pairs
     # --fit-train: the bottleneck also fits on training notes of the cache (here: 30 of the notes, renamed, with
     # the codes they lack as labels: they pull the fit off, so the figures move)
     from cec.data import write_notes
@@ -254,6 +257,13 @@ def test_negation_gold_scores_the_bottleneck_with_and_without_left_out_gold_pair
     cache.close()
     more = mod.without_pairs(SimpleNamespace(**{**vars(args), "fit_train": str(tmp_path / "train.jsonl")}), notes, set())
     assert more["micro_auc"] != whole["micro_auc"]
+    # a coder-notes training file: the gold fit reads labels + blanked_labels, the coder-label fit labels only
+    coder = [n | {"labels": n["labels"][1:], "blanked_labels": n["labels"][:1]} for n in train]
+    write_notes(tmp_path / "train_coder.jsonl", coder)
+    both = mod.without_pairs(SimpleNamespace(**{**vars(args), "fit_train": str(tmp_path / "train_coder.jsonl")}),
+                             notes, set())
+    assert both["micro_auc"] == more["micro_auc"]
+    assert both["fitted_on_coder_labels"] != more["fitted_on_coder_labels"]
 
 
 # -- training on the notes as a pipeline with negation on reads them ------------------------------------------
