@@ -127,8 +127,8 @@ def probs_label_question(description: str, concept_answers: Sequence[tuple]) -> 
     is the concept model's; pseudo answers have none (a ValueError)."""
     if any(len(a) < 3 or a[2] is None for a in concept_answers):
         raise ValueError("the compact-probs layout shows the concept model's probabilities: these answers have none")
-    lines = "".join(LABEL_COMPACT_CONCEPT_LINE.format(concept=c, answer=LABEL_PROBS_ANSWER.format(answer=yes_no(yes), p=p))
-                    for c, yes, p in concept_answers)
+    shown = ((c, LABEL_PROBS_ANSWER.format(answer=yes_no(yes), p=p)) for c, yes, p in concept_answers)
+    lines = "".join(LABEL_COMPACT_CONCEPT_LINE.format(concept=c, answer=a) for c, a in shown)
     return LABEL_COMPACT_QUESTION.format(lines=lines, description=description)
 
 

@@ -4,8 +4,8 @@ The paper's label examples show pseudo answers made from the gold codes (cec.cod
 answers come from the concept model. Here every training note is scored by a concept adapter as inference
 scores it (CECPipeline.concept_probs on the fitted note), and each code question shows what inference would
 show: shown_concepts' k own concepts (top or random) + m predicted negatives from outside, answered Yes when
-P >= concept_threshold (pipeline.predicted_answers; the compact-probs layout also shows each P). Which codes a note is asked about stays the paper's (stages.label_codes); the label is
-whether the code is gold.
+P >= concept_threshold (pipeline.predicted_answers; the compact-probs layout also shows each P). Which codes a
+note is asked about stays the paper's (stages.label_codes); the label is whether the code is gold.
 
 The concept probabilities go to a score cache in the run folder (cec.evaluation.score_cache, the evaluation's
 key for stage-1 scores), so a resumed or repeated run does not score a note twice.
