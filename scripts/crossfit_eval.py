@@ -14,7 +14,9 @@ bottleneck + direct-FT question", there whenever the cache has direct-FT scores)
 (its own row, and --fit-out) also fits on the --train notes the cache has stage-1 scores of; its calibration and
 threshold stay fitted on dev notes only. With --train, the row "Concept bottleneck + TF-IDF logit" reads TF-IDF +
 LR's logit (fitted on --train, both read as the pipeline reads notes) as one more shared weight: what a lexical
-prior would add (not a stage 2 a pipeline can ship today).
+prior would add (not a stage 2 a pipeline can ship today). With --coder-labels (--notes and --train written by
+scripts/negation_gold.py --coder-notes) one more bottleneck row, and --fit-out, fit on the labels a coder gives the
+blanked notes (the gold codes whose every mention negation blanks left out); every row is judged on all gold.
 """
 import argparse
 import json
@@ -46,6 +48,11 @@ LLM_SYSTEMS = [System("cec-k5", "cec", 5), System("direct-ft", "direct-ft"), Sys
 def cached(cache, key, notes):
     rows = [cache.get(*key, n) for n in notes]
     return None if any(r is None for r in rows) else np.array(rows, dtype=np.float64)
+
+
+def gold(note: dict) -> list[str]:
+    """A note's gold codes: its labels, and the ones negation_gold.py --coder-notes moved to blanked_labels."""
+    return note["labels"] + note.get("blanked_labels", [])
 
 
 def scored_training_notes(cache, key: str, train: list[dict], cs, where: str, flag: str = "--fit-train"):
@@ -88,6 +95,10 @@ def main(argv=None):
                          "--dev TRAIN --cache CACHE)")
     ap.add_argument("--fit-direct", action="store_true",
                     help="the --fit-out bottleneck also reads the direct-FT question (every note needs its scores)")
+    ap.add_argument("--coder-labels", action="store_true",
+                    help="--notes and --train are negation_gold.py --coder-notes files: a bottleneck row fitted on "
+                         "their labels (the gold codes negation blanks, in blanked_labels, left out), and --fit-out "
+                         "fitted so; every row is judged on all gold (labels + blanked_labels)")
     args = ap.parse_args(argv)
     if args.fit_direct and not args.fit_out:
         raise ConfigError("--fit-direct says what the --fit-out bottleneck reads: give --fit-out FILE too")
@@ -103,13 +114,16 @@ def main(argv=None):
     notes = [n for n in read_notes(args.notes) if cache.get(CONCEPTS, keys[CONCEPTS], n) is not None]
     if len(notes) < 10:
         raise DataError(f"{args.cache}: only {len(notes)} notes of {args.notes} have stage-1 scores (need 10)")
+    y_coder = label_matrix([n["labels"] for n in notes], cs.codes)  # --coder-labels: what a coder codes
+    notes = [n | {"labels": gold(n)} for n in notes]  # every row is judged (and, but that one, fitted) on all gold
     y = label_matrix([n["labels"] for n in notes], cs.codes)
     concept_p = cached(cache, (CONCEPTS, keys[CONCEPTS]), notes)
 
-    rows = {}  # name -> (system fn, notes mask)
+    rows = {}  # name -> (system fn, notes mask[, the labels it is fitted on, when not y])
     everyone = np.ones(len(notes), dtype=bool)
     if args.train:
-        train = read_notes(args.train)
+        train_coder = read_notes(args.train)
+        train = [n | {"labels": gold(n)} for n in train_coder]
         tfidf_cache = ScoreCache(Path(args.cache).with_suffix(".tfidf.jsonl"))
 
         def tfidf(tune):  # C and the threshold chosen on the tuning half only (scores cached per half)
@@ -144,6 +158,12 @@ def main(argv=None):
         also = scored_training_notes(cache, keys[CONCEPTS], train, cs, args.train)
         rows[f"Concept bottleneck, fitted also on {len(also[0])} training notes"] = (
             bottleneck_system(cs, concept_p, y, also=also), everyone)
+    if args.coder_labels:
+        also_coder = None if not args.fit_train else scored_training_notes(cache, keys[CONCEPTS], train_coder, cs,
+                                                                           args.train)
+        train_part = "" if not args.fit_train else f", fitted also on {len(also_coder[0])} training notes"
+        rows[f"Concept bottleneck{train_part}, on coder labels"] = (
+            bottleneck_system(cs, concept_p, y_coder, also=also_coder), everyone, y_coder)
     rows["Concept bottleneck, per-code thresholds"] = (bottleneck_system(cs, concept_p, y), everyone)
     if args.train:
         rows["Concept bottleneck + TF-IDF logit"] = (bottleneck_tfidf, everyone)
@@ -153,14 +173,15 @@ def main(argv=None):
             bottleneck_system(cs, concept_p, y, direct_p=direct_ft[0]), direct_ft[1])
 
     results = []
-    for name, (system, mask) in rows.items():
+    for name, (system, mask, *fit_y) in rows.items():
         idx = np.flatnonzero(mask)
         sub_y = y[idx]
 
         def restricted(tune, system=system, idx=idx):  # the system over the notes it has, indices remapped
             predict, tune_p, cal = system(idx[tune])
             return (lambda j: predict(idx[j])), tune_p, cal
-        r = two_fold(restricted, sub_y, args.seed, per_code="per-code" in name)
+        r = two_fold(restricted, sub_y, args.seed, per_code="per-code" in name,
+                     fit_y=fit_y[0][idx] if fit_y else None)
         results.append({"system": name, "notes": int(len(idx)), **r})
         print(f"[cec] {name}: micro-F1 {r['micro_f1']:.3f} [{r['micro_f1_ci95'][0]:.3f}, "
               f"{r['micro_f1_ci95'][1]:.3f}]", file=sys.stderr)
@@ -176,12 +197,14 @@ def main(argv=None):
                 raise DataError(f"--fit-direct: not every note of {args.notes} has direct-FT scores in {args.cache} "
                                 "(scripts/evaluate.py --systems direct-ft)")
             direct_p = direct_ft[0]
-        model, oof = fit_bottleneck(cs, concept_p, y, np.arange(len(notes)), direct_p=direct_p, also=also)
-        cal = Platt.fit(oof, y)
+        fit_y, fit_also = (y_coder, also_coder) if args.coder_labels else (y, also)
+        model, oof = fit_bottleneck(cs, concept_p, fit_y, np.arange(len(notes)), direct_p=direct_p, also=fit_also)
+        cal = Platt.fit(oof, fit_y)
         model.save(args.fit_out)
         payload["fitted"] = {"bottleneck": args.fit_out, "l2": model.l2, "calibration": cal.to_json(),
-                             "threshold": tune_threshold(y, cal(oof)), "notes": len(notes),
-                             "train_notes": 0 if also is None else len(also[0]), "direct": model.direct}
+                             "threshold": tune_threshold(fit_y, cal(oof)), "notes": len(notes),
+                             "train_notes": 0 if fit_also is None else len(fit_also[0]), "direct": model.direct,
+                             "labels": "coder" if args.coder_labels else "gold"}
     print(json.dumps(payload, indent=1))
     if args.out:
         atomic_write_text(args.out, render(payload))

@@ -139,6 +139,23 @@ def test_two_fold_predicts_each_note_from_the_other_half(cs):
     assert good["micro_auc"] > 0.9 and 0 <= good["ece"] <= 1
 
 
+def test_two_fold_tunes_thresholds_on_the_labels_the_system_was_fitted_on(cs):
+    """fit_y (coder labels) is what a threshold is tuned on; every metric stays against y (all gold)."""
+    from cec.evaluation.crossfit import cross_fitted
+    from cec.evaluation.metrics import tune_threshold
+
+    p, y = synthetic(cs, n=40)
+    scores = p[:, :len(cs.codes)]
+    fit_y = y.copy()
+    fit_y[scores < 0.8] = 0  # a coder who codes only what the scores say loudly
+    system = score_system(scores, fit_y, calibrate=False)
+    _, _, thresholds, _ = cross_fitted(system, y, fit_y=fit_y)
+    assert thresholds == [tune_threshold(fit_y[h], scores[h]) for h in halves(len(y))]
+    assert thresholds != cross_fitted(system, y)[2]
+    r, same = two_fold(system, y, fit_y=fit_y), two_fold(system, y)
+    assert r["micro_auc"] == same["micro_auc"] and r["micro_f1"] != same["micro_f1"]
+
+
 def test_fit_bottleneck_also_fits_on_more_notes_and_scores_only_the_tuning_notes_out_of_fold(cs):
     """also = (probabilities, labels) of more notes (the training notes): in the fit, not in the out-of-fold
     probabilities the calibration and threshold are fitted on, and none of those from a model that saw its note."""
@@ -335,4 +352,27 @@ def test_crossfit_names_the_label_llm_row_after_the_answers_its_adapter_was_trai
     assert ("also", 12) in extra
     with pytest.raises(ConfigError, match="give --train"):
         mod.main(base + ["--fit-train"])
+    # --coder-labels: notes files with blanked_labels (negation_gold.py --coder-notes); every row is judged on all
+    # gold, one more bottleneck row is fitted on the coder labels, dev and training notes alike
+    coder = [n | {"labels": n["labels"][1:], "blanked_labels": n["labels"][:1]} for n in notes]
+    write_notes(tmp_path / "dev_coder.jsonl", coder)
+    write_notes(tmp_path / "train_coder.jsonl", [n | {"labels": [], "blanked_labels": n["labels"]} for n in train])
+    fitted = []
+    monkeypatch.setattr(mod, "bottleneck_system", lambda cs, p, y, direct_p=None, also=None: fitted.append(
+        (y.sum(), None if also is None else also[1].sum())) or score_system(p[:, : y.shape[1]], y))
+    coder_base = ["--notes", str(tmp_path / "dev_coder.jsonl"), "--cache", str(tmp_path / "scores.jsonl"),
+                  "--train", str(tmp_path / "train_coder.jsonl"), "--fit-train"]
+    out = mod.main(coder_base + ["--coder-labels"])
+    rows = {r["system"]: r for r in out["systems"]}
+    gold_rows = {r["system"]: r for r in mod.main(base + ["--train", str(tmp_path / "train.jsonl"),
+                                                          "--fit-train"])["systems"]}
+    name = "Concept bottleneck, fitted also on 12 training notes"
+    assert rows[name] == gold_rows[name]  # all gold again: labels + blanked_labels
+    assert rows[name + ", on coder labels"]["notes"] == len(notes)
+    all_gold, coded = sum(len(n["labels"]) for n in notes), sum(len(n["labels"]) for n in coder)
+    assert (coded, 0) in fitted and (all_gold, sum(len(n["labels"]) for n in train[:12])) in fitted
+    assert "fitted" not in out  # no --fit-out, nothing fitted for shipping
+    out = mod.main(coder_base + ["--coder-labels", "--fit-out", str(tmp_path / "coder.json")])
+    assert out["fitted"]["labels"] == "coder" and out["fitted"]["train_notes"] == 12
+    assert mod.main(coder_base + ["--fit-out", str(tmp_path / "gold.json")])["fitted"]["labels"] == "gold"
     capsys.readouterr()

@@ -82,17 +82,19 @@ def bootstrap_micro_f1(y: np.ndarray, pred: np.ndarray, n: int = 1000, seed: int
     return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
 
 
-def cross_fitted(system, y: np.ndarray, seed: int = 0, per_code: bool = False):
+def cross_fitted(system, y: np.ndarray, seed: int = 0, per_code: bool = False, fit_y: np.ndarray | None = None):
     """(probabilities [notes, codes], predictions, threshold per direction, micro-F1 per direction): each half
-    predicted by the system fitted on the other."""
+    predicted by the system fitted on the other. fit_y: the labels the system was fitted on, when not y (its
+    thresholds are tuned on those too); the micro-F1s are against y."""
+    fit_y = y if fit_y is None else fit_y
     a, b = halves(len(y), seed)
     probs = np.zeros(y.shape, dtype=np.float64)
     pred = np.zeros(y.shape, dtype=bool)
     directions, thresholds = [], []
     for tune, report in ((a, b), (b, a)):
         predict, tune_p, cal = system(tune)
-        t = tune_threshold(y[tune], tune_p)
-        t_codes = per_code_thresholds(y[tune], tune_p, t) if per_code else np.full(y.shape[1], t)
+        t = tune_threshold(fit_y[tune], tune_p)
+        t_codes = per_code_thresholds(fit_y[tune], tune_p, t) if per_code else np.full(y.shape[1], t)
         probs[report] = predict(report)
         pred[report] = probs[report] >= t_codes
         thresholds.append(t)
@@ -100,10 +102,10 @@ def cross_fitted(system, y: np.ndarray, seed: int = 0, per_code: bool = False):
     return probs, pred, thresholds, directions
 
 
-def two_fold(system, y: np.ndarray, seed: int = 0, per_code: bool = False) -> dict:
-    """Pooled cross-fitted metrics of one system. per_code: thresholds per code (tuned per code on the tuning
-    half, the global threshold for codes without a positive there)."""
-    probs, pred, thresholds, directions = cross_fitted(system, y, seed, per_code)
+def two_fold(system, y: np.ndarray, seed: int = 0, per_code: bool = False, fit_y: np.ndarray | None = None) -> dict:
+    """Pooled cross-fitted metrics of one system, against y. per_code: thresholds per code (tuned per code on the
+    tuning half, the global threshold for codes without a positive there); fit_y as in cross_fitted."""
+    probs, pred, thresholds, directions = cross_fitted(system, y, seed, per_code, fit_y)
     pooled = evaluate(y, probs, 0.5)  # AUC and P@k do not depend on the threshold; F1 recomputed below
     low, high = bootstrap_micro_f1(y, pred)
     return {
