@@ -3,7 +3,8 @@
 # adapters, write the pipeline folder, tune the code threshold on the first half of dev and report the second.
 #   scripts/train_default.sh MODEL DATA_DIR OUT_DIR     (DATA_DIR from scripts/prepare_codiesp.py)
 # Step counts, the training notes the bottleneck also fits on and the device come from the environment:
-# CONCEPT_STEPS, HARD_STEPS, LABEL_STEPS, COMPACT_STEPS, DIRECT_STEPS, TRAIN_FIT_NOTES, DEVICE, PY. The concept
+# CONCEPT_STEPS, HARD_STEPS, LABEL_STEPS, COMPACT_STEPS, DIRECT_STEPS, TRAIN_FIT_NOTES, CODIESP_SRC (the CodiEsp
+# folder, default ../shared/data/codiesp), DEVICE, PY. The concept
 # adapter of the default is concept-hard/: concept/ continued HARD_STEPS with hard negatives (codes near the true
 # ones in the ICD tree, and concept/'s own false positives). Stage 2 of the default is the linear concept
 # bottleneck fitted at the end. The label stage is trained in the paper's Fig. 4 layout (label/), then continued on
@@ -15,6 +16,7 @@ DEVICE=${DEVICE:-cuda}
 CONCEPT_STEPS=${CONCEPT_STEPS:-500} HARD_STEPS=${HARD_STEPS:-30} LABEL_STEPS=${LABEL_STEPS:-600} COMPACT_STEPS=${COMPACT_STEPS:-30}
 DIRECT_STEPS=${DIRECT_STEPS:-200}
 DEV_HALF=${DEV_HALF:-125} TRAIN_FIT_NOTES=${TRAIN_FIT_NOTES:-500}
+CODIESP_SRC=${CODIESP_SRC:-../shared/data/codiesp}
 mkdir -p "$OUT"
 common=(--data "$DATA/train.jsonl" --dev "$DATA/dev.jsonl" --concepts codiesp-d50 --model "$MODEL"
         --device "$DEVICE" --save-dtype bfloat16 --no-progress --eval-every 0 --dev-notes 32 --save-every 100)
@@ -43,13 +45,21 @@ $PY scripts/evaluate.py --pipeline "$OUT" --train "$DATA/train.jsonl" --dev "$OU
     --title "CodiEsp-D50: thresholds tuned on dev[:$DEV_HALF], reported on dev[$DEV_HALF:]"
 # Stage 2 of the default: the linear concept bottleneck, fitted on the dev notes scored above (their stage-1
 # concept probabilities are in the evaluation's score cache) and on the first TRAIN_FIT_NOTES training notes, scored
-# into the same cache here (the shipped one: 128, the notes scored in the time there was); its calibration and
-# threshold on the dev notes only. The two-fold table of the README comes from the same run.
+# into the same cache here; its calibration and threshold on the dev notes only. It fits on coder labels: the gold
+# codes whose every CodiEsp-X mention negation blanks taken out (CODIESP_SRC: the CodiEsp folder, for its X files),
+# so that it does not learn to code what the pipeline cannot read. The two-fold table of the README comes from the
+# same run (every row judged on all gold).
+for split in dev train; do
+    $PY scripts/negation_gold.py --src "$CODIESP_SRC" --split "$split" --notes "$DATA/$split.jsonl" \
+        --codes "$CODIESP_SRC/codiesp50_codes.tsv" --coder-notes "$OUT/${split}_coder.jsonl" \
+        > "$OUT/negation_gold_$split.json"
+done
 head -n "$TRAIN_FIT_NOTES" "$DATA/train.jsonl" > "$OUT/train_fit.jsonl"
 $PY scripts/evaluate.py --pipeline "$OUT" --systems concept-mean --test "$OUT/train_fit.jsonl" \
     --dev "$OUT/train_fit.jsonl" --device "$DEVICE" --cache "$OUT/results.scores.jsonl" --out "$OUT/train_fit.md"
-$PY scripts/crossfit_eval.py --notes "$DATA/dev.jsonl" --train "$DATA/train.jsonl" --cache "$OUT/results.scores.jsonl" \
-    --pipeline "$OUT" --fit-train --out "$OUT/crossfit.md" --fit-out "$OUT/bottleneck.json" > "$OUT/crossfit.json"
+$PY scripts/crossfit_eval.py --notes "$OUT/dev_coder.jsonl" --train "$OUT/train_coder.jsonl" \
+    --cache "$OUT/results.scores.jsonl" --pipeline "$OUT" --fit-train --coder-labels --out "$OUT/crossfit.md" \
+    --fit-out "$OUT/bottleneck.json" > "$OUT/crossfit.json"
 $PY - "$OUT" <<'PYEOF'
 import json, sys
 from pathlib import Path
