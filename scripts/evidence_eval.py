@@ -4,9 +4,10 @@
 
 1. Gold: each Spanish note is cut into sentences, aligned to its English lines (cec.evaluation.align, Gale-Church 1-1/1-2/2-1)
    and each CodiEsp-X mention of a CodiEsp-D50 code mapped to the English line(s) of its span. On all dev notes.
-2. Ranking: for every gold (note, code) of CodiEsp-D50 in the first --max-notes notes with one, the note's
-   sentences are ranked for the code, whether or not it was predicted: by our attribution (asking --per-code
-   concepts per code; "ours_N" rows: the first N of them only, from the same drops), by BM25 (the old report's
+2. Ranking: for every gold (note, code) of CodiEsp-D50 in the first --max-notes notes with one (after skipping
+   --skip of them), the note's sentences are ranked for the code, whether or not it was predicted: by our
+   attribution (drop + gain, asking --per-code concepts per code; "ours_N" rows: the first N of them only, from the
+   same questions; "ours_drop" and "ours_gain": each part alone), by BM25 (the old report's
    report: cec.coding.report's tokens, the code description and its Yes concepts as the query, ties in note order), by
    a random ranking (its expected hit@k, exactly) and by note order. hit@k: a gold sentence in the top k.
 3. Faithfulness: for the note's most probable predicted code, the note is coded again (stage 1 whole, then the
@@ -113,19 +114,18 @@ def recode_score(pipe, text: str, j: int, note_id: str, concept_p=None) -> float
     return float(x)
 
 
-def ranking_scores(pipe, result, code_indices, attributed, per_code: int | None, n: int) -> torch.Tensor:
+def ranking_scores(pipe, result, code_indices, a, per_code: int | None, n: int) -> torch.Tensor:
     """The sentence scores `attribute` (run with per_code) would give had it asked only the first n <= per_code
-    concepts of each code (attribution.strongest): the same drops, fewer rows; a label LLM's code-question drop
-    kept."""
-    _, concept_ids, cdrops, scores = attributed
-    row = {i: r for r, i in enumerate(concept_ids)}
-    w_asked, w_n = (torch.zeros(len(code_indices), len(concept_ids)) for _ in range(2))
+    concepts of each code (attribution.strongest): the same drops and gains, fewer rows; the code-question part
+    (label LLM, direct question) kept."""
+    row = {i: r for r, i in enumerate(a.concept_ids)}
+    w_asked, w_n = (torch.zeros(len(code_indices), len(a.concept_ids)) for _ in range(2))
     for k, j in enumerate(code_indices):
         weights = evidence_weights(pipe, result, j)
         for w, m in ((w_asked, per_code), (w_n, n)):
             for i, v in strongest(weights, result.concept_probs, m).items():
                 w[k, row[i]] = v
-    return w_n @ cdrops + (scores - w_asked @ cdrops)
+    return w_n @ a.concept_scores + (a.scores - w_asked @ a.concept_scores)
 
 
 def without(text: str, span) -> str:
@@ -161,6 +161,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--dev", type=Path, default=Path("runs/codiesp/dev.jsonl"))
     ap.add_argument("--pipeline", help="pipeline folder (default: the shipped one)")
     ap.add_argument("--max-notes", type=int, default=20, help="notes with a gold D50 code to run the model on")
+    ap.add_argument("--skip", type=int, default=0, help="skip this many notes with a gold D50 code first")
     ap.add_argument("--no-faithfulness", action="store_true", help="skip the deletion test (two codings a note)")
     ap.add_argument("--show", type=int, default=0, help="print this many mapped gold mentions to stderr")
     ap.add_argument("--threads", type=int, default=1)
@@ -182,7 +183,7 @@ def main(argv=None) -> dict:
     hits = defaultdict(lambda: [0.0, 0.0])  # method -> [hit@1, hit@3] sums
     by_pred = defaultdict(lambda: [0, 0.0])  # predicted?: [pairs, our hit@3]
     n_pairs, times, faith = 0, [], []
-    run = [n for n in notes if any((n["id"], c) in gold for c in n["labels"])][: args.max_notes]
+    run = [n for n in notes if any((n["id"], c) in gold for c in n["labels"])][args.skip: args.skip + args.max_notes]
     for n in run:
         text, nid = n["text"], n["id"]
         t0 = time.perf_counter()
@@ -192,25 +193,23 @@ def main(argv=None) -> dict:
         predicted = [codes.index(c["code"]) for c in code_list(result, pipe) if c["predicted"]]
         pred_attr = attribute(pipe, text, result, predicted, spans, per_code)  # add_evidence's work, less the JSON
         t2 = time.perf_counter()
-        pred_scores = pred_attr[3]
+        pred_scores = pred_attr.scores
         times.append((t1 - t0, t2 - t1))
         want = [c for c in n["labels"] if (nid, c) in gold]
         idx = [codes.index(c) for c in want]
         rest = [j for j in idx if j not in predicted]  # gold codes not predicted: ranked all the same
         rest_attr = attribute(pipe, text, result, rest, spans, per_code) if rest else None
 
-        def gold_rows(n):  # [len(idx), sentences]: the scores of the gold codes, asking n concepts per code
-            per = []
-            for codes_, a in ((predicted, pred_attr), (rest, rest_attr)):
-                if a is None or n == per_code:
-                    per.append(None if a is None else a[3])
-                else:
-                    per.append(ranking_scores(pipe, result, codes_, a, per_code, n))
+        def gold_rows(part):  # [len(idx), sentences]: one part of the gold codes' scores
+            per = [None if a is None else part(codes_, a) for codes_, a in ((predicted, pred_attr), (rest, rest_attr))]
             return torch.stack([per[0][predicted.index(j)] if j in predicted else per[1][rest.index(j)]
                                 for j in idx])
-        scores = {f"ours_{n}": gold_rows(n) for n in fewer} if idx else {}
+        scores = {}
         if idx:
-            scores["ours"] = gold_rows(per_code)
+            scores = {f"ours_{n}": gold_rows(lambda c, a, n=n: ranking_scores(pipe, result, c, a, per_code, n))
+                      for n in fewer}
+            scores |= {"ours": gold_rows(lambda c, a: a.scores), "ours_drop": gold_rows(lambda c, a: a.code_drops),
+                       "ours_gain": gold_rows(lambda c, a: a.code_gains)}
         for k, (c, j) in enumerate(zip(want, idx)):
             g = gold[(nid, c)]
             words = [pipe.cs.descriptions[c]] + [pipe.cs.concepts[i].text for i in evidence_weights(pipe, result, j)]

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from cec.coding.attribution import (add_evidence, drops, explain, fitted_spans, note_sentences, token_ranges)
+from cec.coding.attribution import (add_evidence, drops, explain, fitted_spans, gains, note_sentences, token_ranges)
 from cec.coding.output import note_json
 from cec.engine.scorer import PrefixScorer, common_prefix_len, head_for, score_naive
 from hf_tiny import FAMILIES, hf_model, ours_from_hf
@@ -30,13 +30,14 @@ def test_hidden_ranges_equal_a_full_forward_with_those_keys_masked(ours, prefix_
     head = head_for(ours, YES, NO)
     prefix = rand_ids(prefix_len, prefix_len)
     questions = [[3, 4] + rand_ids(i, 1 + i % 5) for i in range(8)]  # a shared start, mixed lengths
-    hide = [None, (1, 3), (0, prefix_len), None, (prefix_len - 4, prefix_len), (2, 3), (1, prefix_len - 1), (5, 6)]
+    hide = [None, (1, 3), (0, prefix_len), None, (prefix_len - 4, prefix_len), (2, 3), (1, prefix_len - 1),
+            [(0, 2), (4, prefix_len)]]  # a range, or a list of ranges
     scorer = PrefixScorer(ours, head, batch_tokens=20, chunk=5)  # several batches, hidden and not mixed
     got = scorer.score(prefix, questions, hide)
     ref = score_naive(ours, head, prefix, questions, hide=hide)
     assert (got - ref).abs().max().item() < TOL
     plain = score_naive(ours, head, prefix, questions)
-    assert (got - plain).abs()[[1, 2, 4, 6]].max().item() > 10 * TOL  # the mask changes answers
+    assert (got - plain).abs()[[1, 2, 4, 6, 7]].max().item() > 10 * TOL  # the mask changes answers
     assert (got - plain).abs()[[0, 3]].max().item() < TOL
 
 
@@ -71,6 +72,21 @@ def test_drops_are_score_minus_score_with_the_range_hidden(ours):
         ref = score_naive(ours, head, with_header, own) - score_naive(ours, head, with_header, own,
                                                                       hide=[ranges[s]] * 3)
         assert (d[:, s] - ref).abs().max().item() < TOL
+
+
+def test_gains_are_score_with_only_the_range_visible_minus_score_with_none(ours):
+    head = head_for(ours, YES, NO)
+    prefix, questions = rand_ids(5, 24), [[3, 4] + rand_ids(30 + i, 4) for i in range(3)]
+    ranges = [(1, 8), None, (8, 20), (20, 24)]
+    g = gains(PrefixScorer(ours, head), prefix, 2, questions, ranges)
+    assert g.shape == (3, 4) and torch.equal(g[:, 1], torch.zeros(3))
+    with_header, own = prefix + [3, 4], [q[2:] for q in questions]
+    live = [r for r in ranges if r is not None]
+    none = score_naive(ours, head, with_header, own, hide=[live] * 3)  # token 0 (BOS) stays visible
+    for s in (0, 2, 3):
+        alone = score_naive(ours, head, with_header, own, hide=[[r for r in live if r != ranges[s]]] * 3)
+        assert (g[:, s] - (alone - none)).abs().max().item() < TOL
+    assert g[:, [0, 2, 3]].abs().max().item() > 10 * TOL
 
 
 def test_keep_last_reuses_the_prefilled_cache_only_for_the_same_ids(ours, monkeypatch):
@@ -139,8 +155,8 @@ def pipe(tmp_path_factory):
 NOTE = "Patient has fever and chills.\nHigh blood pressure on lisinopril.\nChronic kidney disease stage four."
 
 
-def test_code_scores_are_weighted_concept_drops_plus_the_code_question_drop(pipe):
-    from cec.coding.attribution import attribute, code_question_drops, concept_drops, evidence_weights
+def test_code_scores_are_weighted_concept_effects_plus_the_code_question_effect(pipe):
+    from cec.coding.attribution import attribute, code_question_effects, concept_effects, evidence_weights
 
     result = pipe.code_note(NOTE)
     spans = note_sentences(NOTE)
@@ -148,15 +164,21 @@ def test_code_scores_are_weighted_concept_drops_plus_the_code_question_drop(pipe
     w = evidence_weights(pipe, result, j)
     own = set(pipe.cs.concept_ids(pipe.cs.codes[j]))
     assert w and set(w) <= own and all(result.concept_probs[i] >= pipe.config.concept_threshold for i in w)
-    got = attribute(pipe, NOTE, result, [j], per_code=None)[3][0]
+    a = attribute(pipe, NOTE, result, [j], per_code=None)
     ids = list(w)
-    want = (torch.tensor([w[i] for i in ids]) @ concept_drops(pipe, NOTE, ids, spans)
-            + code_question_drops(pipe, NOTE, result, [j], spans)[0])
-    assert (got - want).abs().max().item() < TOL
+    assert a.concept_ids == sorted(ids)
+    for measure, got in (("drop", a.code_drops[0]), ("gain", a.code_gains[0])):
+        want = (torch.tensor([w[i] for i in a.concept_ids]) @ concept_effects(pipe, NOTE, a.concept_ids, spans, measure)
+                + code_question_effects(pipe, NOTE, result, [j], spans, measure)[0])
+        assert (got - want).abs().max().item() < TOL
+    assert torch.allclose(a.scores, a.code_drops + a.code_gains)
+    assert a.code_gains.abs().max() > 0
+    only_drops = attribute(pipe, NOTE, result, [j], per_code=None, gain=False)
+    assert torch.allclose(only_drops.scores, a.code_drops, atol=TOL) and not only_drops.concept_gains.any()
 
 
 def test_per_code_asks_the_concepts_whose_terms_can_fall_most(pipe):
-    from cec.coding.attribution import attribute, concept_drops, strongest
+    from cec.coding.attribution import attribute, concept_effects, strongest
     from cec.coding.bottleneck import CLIP, concept_logits
 
     x = concept_logits(torch.tensor([0.9, 0.2, 0.99, 0.5]))
@@ -167,16 +189,18 @@ def test_per_code_asks_the_concepts_whose_terms_can_fall_most(pipe):
     result = pipe.code_note(NOTE)
     spans = note_sentences(NOTE)
     j = 2
-    _, ids, cdrops, _ = attribute(pipe, NOTE, result, [j], per_code=1)
-    assert len(ids) == 1 and torch.allclose(cdrops, concept_drops(pipe, NOTE, ids, spans), atol=TOL)
+    a = attribute(pipe, NOTE, result, [j], per_code=1)
+    assert len(a.concept_ids) == 1
+    assert torch.allclose(a.concept_drops, concept_effects(pipe, NOTE, a.concept_ids, spans), atol=TOL)
+    assert torch.allclose(a.concept_gains, concept_effects(pipe, NOTE, a.concept_ids, spans, "gain"), atol=TOL)
 
 
 def test_concept_drops_equal_rescoring_with_the_sentence_masked(pipe):
     from cec.coding import prompts, stages
-    from cec.coding.attribution import concept_drops
+    from cec.coding.attribution import concept_effects
 
     spans = note_sentences(NOTE)
-    d = concept_drops(pipe, NOTE, [0, 5], spans)
+    d = concept_effects(pipe, NOTE, [0, 5], spans)
     prefix_text = prompts.concept_prefix(NOTE)
     ranges = token_ranges(pipe.tokenizer, prefix_text, len(prompts.CONCEPT_INSTRUCTION), spans)
     sc = pipe.concept_scorer

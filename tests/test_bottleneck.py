@@ -218,7 +218,7 @@ def test_pipeline_with_a_linear_stage_2(cs, tmp_path):
 def test_pipeline_whose_linear_stage_also_reads_the_direct_question(cs, tmp_path):
     from tiny_train import random_lora_, save_tiny_model
 
-    from cec.coding.attribution import attribute, concept_drops, direct_question_drops, note_sentences
+    from cec.coding.attribution import attribute, concept_effects, direct_question_effects, note_sentences
     from cec.coding.output import code_list
     from cec.coding.pipeline import CECPipeline, share_base
     from cec.engine.lora import inject_lora, save_adapter
@@ -260,12 +260,13 @@ def test_pipeline_whose_linear_stage_also_reads_the_direct_question(cs, tmp_path
     assert "; direct question " in format_table(note_json(result, note, pipe), result.timing)
     # a sentence's score adds the drop of the direct question, times its weight
     spans = note_sentences(note)
-    _, ids, _, scores = attribute(pipe, note, result, [0], per_code=None)
-    coef = pipe.bottleneck.coefficients(result.concept_probs, 0)
-    want = (torch.tensor([float(coef[i]) for i in ids]) @ concept_drops(pipe, note, ids, spans)
-            + pipe.bottleneck.direct * direct_question_drops(pipe, note, [0], spans)[0])
-    assert (scores[0] - want).abs().max().item() < 1e-4
-    assert direct_question_drops(pipe, note, [0], spans).abs().max() > 0
+    a = attribute(pipe, note, result, [0], per_code=None)
+    coef = torch.tensor([float(pipe.bottleneck.coefficients(result.concept_probs, 0)[i]) for i in a.concept_ids])
+    for measure, got in (("drop", a.code_drops[0]), ("gain", a.code_gains[0])):
+        want = (coef @ concept_effects(pipe, note, a.concept_ids, spans, measure)
+                + pipe.bottleneck.direct * direct_question_effects(pipe, note, [0], spans, measure)[0])
+        assert (got - want).abs().max().item() < 1e-4
+        assert direct_question_effects(pipe, note, [0], spans, measure).abs().max() > 0
 
 
 def test_crossfit_fit_direct_without_fit_out_is_refused(tmp_path):

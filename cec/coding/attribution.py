@@ -1,21 +1,27 @@
 """Model-grounded evidence: the sentences of the note that a code's answers depend on.
 
-A sentence's drop for a yes/no question is the question's score (l_yes - l_no) with the whole note minus its
-score when the question's tokens may not attend to that sentence's tokens of the cached note
-(PrefixScorer.score(..., hide)). Nothing of the note is re-encoded per sentence: every (question, sentence) pair
-is one more short question against the stage's prefix, and that prefix is the very cache coding filled (the
-pipeline's scorers keep their last one). The hidden keys are those of the sentence only: the tokens encoded
-after it, which read it then, stay visible -- the later note tokens and the question header every question of
-the stage shares ("### Question: Is the note above relevant with the concept '"), which coding cached with the
-note.
+A sentence's effect on a yes/no question has two parts, both read off the cached note:
+- drop (is it needed?): the question's score (l_yes - l_no) with the whole note minus its score when the
+  question's tokens may not attend to that sentence's tokens;
+- gain (does it say so on its own?): the score when of the note's sentences the question may read only that one,
+  minus the score when it may read none of them.
+Its effect is drop + gain (ERASER's comprehensiveness and sufficiency, DeYoung et al. 2020, read as logit changes).
+The drop alone finds the reasons of a Yes answer but hardly moves for a concept answered No, so it cannot say
+where a code that was not predicted is talked about; the gain can (`scripts/evidence_eval.py` reports each part and
+the sum). Nothing of the note is re-encoded per sentence: every (question, visible sentences) pair is one more
+short question against the stage's prefix (PrefixScorer.score(..., hide)), and that prefix is the very cache coding
+filled (the pipeline's scorers keep their last one). Only the question's reading of the note is masked: the tokens
+encoded after a sentence, which read it then, keep what they read -- the later note tokens and the question header
+every question of the stage shares ("### Question: Is the note above relevant with the concept '"), which coding
+cached with the note. So a gain is what the question reads from that sentence's tokens, not a note of one sentence.
 
-A code's sentence score is sum_i w_i * drop_i over its concepts (evidence_weights), plus the drop of the code's
-own stage-2 question while stage 2 is the label LLM, or the drop of its direct question (times its weight) while
-a linear stage 2 reads one. For a linear concept bottleneck (code logit =
-b + sum_i w_i * logit(p_i)) the concept part is the drop of the code's logit carried by the concepts asked.
-Which concepts are asked: the PER_CODE of each code whose term has the most room to fall, w_i * (x_i + CLIP)
-with w_i > 0 (a Yes concept at x = +6 can fall by 14, a No at -6 by 2); per_code=None asks all of them (exact;
-on CodiEsp dev note 0, 784 questions instead of 210).
+A code's sentence score is sum_i w_i * effect_i over its concepts (evidence_weights), plus the effect on the code's
+own stage-2 question while stage 2 is the label LLM, or on its direct question (times its weight) while a linear
+stage 2 reads one. For a linear concept bottleneck (code logit = b + sum_i w_i * logit(p_i)) the concept part of
+the drop is the drop of the code's logit carried by the concepts asked, and of the gain the code logit's rise from
+that sentence alone. Which concepts are asked: the PER_CODE of each code whose term has the most room to fall,
+w_i * (x_i + CLIP) with w_i > 0 (a Yes concept at x = +6 can fall by 14, a No at -6 by 2); per_code=None asks all
+of them (on CodiEsp dev note 0, 784 questions instead of 210).
 
     result = pipe.code_note(text, note_id)
     doc = note_json(result, text, pipe)      # cec.coding.output
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -102,46 +109,72 @@ def _prefix(pipe, stage: str, text: str, spans):
     return prefix_ids(pipe.tokenizer, prefix_text), ranges
 
 
+def _ask(scorer, prefix_ids: list[int], header: int, questions: list[list[int]], hide: list) -> torch.Tensor:
+    """Scores of questions[q] for each (q, hidden ranges) of `hide`. The first `header` tokens of every question (the
+    header all of the stage's questions share, which coding cached with the prefix) go with the prefix, so the
+    cache coding left is reused. One scorer call."""
+    prefix = list(prefix_ids) + list(questions[0][:header])
+    return scorer.score(prefix, [questions[q][header:] for q, _ in hide], [h for _, h in hide])
+
+
 def drops(scorer, prefix_ids: list[int], header: int, questions: list[list[int]], ranges) -> torch.Tensor:
     """[len(questions), len(ranges)]: score with the whole prefix minus score with each range hidden (0 for a
-    range that is None). The first `header` tokens of every question (the header all of the stage's questions
-    share, which coding cached with the prefix) go with the prefix, so the cache coding left is reused. One
-    scorer call: the unhidden questions and every (question, range) pair."""
+    range that is None); the unhidden questions and every (question, range) pair in one scorer call."""
     pairs = [(q, s) for q in range(len(questions)) for s, r in enumerate(ranges) if r is not None]
     out = torch.zeros(len(questions), len(ranges))
     if not questions:
         return out
-    prefix = list(prefix_ids) + list(questions[0][:header])
-    own = [q[header:] for q in questions]
-    scores = scorer.score(prefix, own + [own[q] for q, _ in pairs],
-                          [None] * len(questions) + [ranges[s] for _, s in pairs])
+    scores = _ask(scorer, prefix_ids, header, questions,
+                  [(q, None) for q in range(len(questions))] + [(q, ranges[s]) for q, s in pairs])
     if pairs:
         q, s = torch.tensor(pairs).T
         out[q, s] = scores[q] - scores[len(questions):]
     return out
 
 
-def concept_drops(pipe, text: str, concept_ids: list[int], spans) -> torch.Tensor:
-    """[len(concept_ids), len(spans)] drops of the concept questions (stage 1) for each hidden sentence."""
+def gains(scorer, prefix_ids: list[int], header: int, questions: list[list[int]], ranges) -> torch.Tensor:
+    """[len(questions), len(ranges)]: score when of the ranges only that one is visible minus score when none is
+    (0 for a range that is None); the rest of the prefix (the prompt around the note) stays visible. One scorer
+    call."""
+    live = [r for r in ranges if r is not None]
+    pairs = [(q, s) for q in range(len(questions)) for s, r in enumerate(ranges) if r is not None]
+    out = torch.zeros(len(questions), len(ranges))
+    if not pairs:
+        return out
+    scores = _ask(scorer, prefix_ids, header, questions, [(q, live) for q in range(len(questions))]
+                  + [(q, [r for r in live if r != ranges[s]]) for q, s in pairs])
+    q, s = torch.tensor(pairs).T
+    out[q, s] = scores[len(questions):] - scores[q]
+    return out
+
+
+MEASURES = {"drop": drops, "gain": gains}
+
+
+def concept_effects(pipe, text: str, concept_ids: list[int], spans, measure: str = "drop") -> torch.Tensor:
+    """[len(concept_ids), len(spans)] drops (or gains: measure="gain") of the concept questions (stage 1) per
+    sentence."""
     prefix, ranges = _prefix(pipe, "concept", text, spans)
     header = pipe.concept_scorer.shared_len(pipe.concept_questions)  # what coding moved into the prefix
-    return drops(pipe.concept_scorer, prefix, header, [pipe.concept_questions[i] for i in concept_ids], ranges)
+    return MEASURES[measure](pipe.concept_scorer, prefix, header, [pipe.concept_questions[i] for i in concept_ids],
+                             ranges)
 
 
-def code_question_drops(pipe, text: str, result, code_indices: list[int], spans) -> torch.Tensor:
-    """[len(code_indices), len(spans)] drops of the codes' stage-2 questions (label prefix) per hidden sentence."""
+def code_question_effects(pipe, text: str, result, code_indices: list[int], spans, measure: str = "drop"
+                          ) -> torch.Tensor:
+    """[len(code_indices), len(spans)] drops (or gains) of the codes' stage-2 questions (label prefix)."""
     prefix, ranges = _prefix(pipe, "label", text, spans)
     questions = pipe.label_question_ids(result.concept_probs, result.shown)
-    return drops(pipe.label_scorer, prefix, pipe.label_scorer.shared_len(questions),
-                 [questions[j] for j in code_indices], ranges)
+    return MEASURES[measure](pipe.label_scorer, prefix, pipe.label_scorer.shared_len(questions),
+                             [questions[j] for j in code_indices], ranges)
 
 
-def direct_question_drops(pipe, text: str, code_indices: list[int], spans) -> torch.Tensor:
-    """[len(code_indices), len(spans)] drops of the codes' direct-FT questions (direct prefix) per hidden sentence."""
+def direct_question_effects(pipe, text: str, code_indices: list[int], spans, measure: str = "drop") -> torch.Tensor:
+    """[len(code_indices), len(spans)] drops (or gains) of the codes' direct-FT questions (direct prefix)."""
     prefix, ranges = _prefix(pipe, "direct", text, spans)
     scorer = pipe.direct_scorers[True]
-    return drops(scorer, prefix, scorer.shared_len(pipe.direct_questions),
-                 [pipe.direct_questions[j] for j in code_indices], ranges)
+    return MEASURES[measure](scorer, prefix, scorer.shared_len(pipe.direct_questions),
+                             [pipe.direct_questions[j] for j in code_indices], ranges)
 
 
 def evidence_weights(pipe, result, code_index: int) -> dict[int, float]:
@@ -172,23 +205,51 @@ def strongest(weights: dict[int, float], concept_p, n: int | None) -> dict[int, 
     return {i: weights[i] for i in sorted(room, key=lambda i: -room[i])[:n]}
 
 
-def attribute(pipe, text: str, result, code_indices: list[int], spans=None, per_code: int | None = PER_CODE):
-    """(spans, concept ids, concept drops [C, S], code scores [len(code_indices), S]); two scorer calls."""
+@dataclass
+class Attribution:
+    """What `attribute` measured: per asked concept and per code, the drop and the gain of each sentence."""
+    spans: list[tuple[int, int]]  # the note's sentences (character offsets)
+    concept_ids: list[int]  # the concepts asked, ascending
+    concept_drops: torch.Tensor  # [concepts, sentences]
+    concept_gains: torch.Tensor  # [concepts, sentences]; zeros when measured without gains
+    code_drops: torch.Tensor  # [codes, sentences]: weighted concept drops (+ the code/direct question's drop)
+    code_gains: torch.Tensor  # [codes, sentences]: the same for gains
+
+    @property
+    def concept_scores(self) -> torch.Tensor:
+        return self.concept_drops + self.concept_gains
+
+    @property
+    def scores(self) -> torch.Tensor:
+        """[codes, sentences]: each sentence's evidence score for each code, drop + gain."""
+        return self.code_drops + self.code_gains
+
+
+def attribute(pipe, text: str, result, code_indices: list[int], spans=None, per_code: int | None = PER_CODE,
+              gain: bool = True) -> Attribution:
+    """Drops (and gains, unless gain=False: half the questions) of the note's sentences for the codes
+    `code_indices`; two scorer calls per question kind."""
     spans = note_sentences(text) if spans is None else spans
     weights = [strongest(evidence_weights(pipe, result, j), result.concept_probs, per_code) for j in code_indices]
     concept_ids = sorted({i for w in weights for i in w})
-    cdrops = concept_drops(pipe, text, concept_ids, spans)
     row = {i: r for r, i in enumerate(concept_ids)}
     w = torch.zeros(len(code_indices), len(concept_ids))
     for k, wk in enumerate(weights):
         for i, v in wk.items():
             w[k, row[i]] = v
-    scores = w @ cdrops
-    if stage2_is_llm(pipe) and code_indices:
-        scores = scores + code_question_drops(pipe, text, result, code_indices, spans)
-    if result.direct_probs is not None and code_indices:
-        scores = scores + pipe.bottleneck.direct * direct_question_drops(pipe, text, code_indices, spans)
-    return spans, concept_ids, cdrops, scores
+    parts = []
+    for measure in ("drop", "gain") if gain else ("drop",):
+        cpart = concept_effects(pipe, text, concept_ids, spans, measure)
+        code = w @ cpart
+        if stage2_is_llm(pipe) and code_indices:
+            code = code + code_question_effects(pipe, text, result, code_indices, spans, measure)
+        if result.direct_probs is not None and code_indices:
+            code = code + pipe.bottleneck.direct * direct_question_effects(pipe, text, code_indices, spans, measure)
+        parts.append((cpart, code))
+    if not gain:
+        parts.append((torch.zeros_like(parts[0][0]), torch.zeros_like(parts[0][1])))
+    (cdrops, drop), (cgains, gained) = parts
+    return Attribution(spans, concept_ids, cdrops, cgains, drop, gained)
 
 
 def _span(text: str, span: tuple[int, int], score: float) -> dict:
@@ -207,25 +268,24 @@ def explain(pipe, text: str, result, codes: list[str] | None = None, top: int | 
     if codes is None:
         codes = [c["code"] for c in code_list(result, pipe) if c["predicted"]]
     index = {c: j for j, c in enumerate(pipe.cs.codes)}
-    spans, _, _, scores = attribute(pipe, text, result, [index[c] for c in codes], per_code=per_code)
-    return {c: ranked(text, spans, scores[k], top) for k, c in enumerate(codes)}
+    a = attribute(pipe, text, result, [index[c] for c in codes], per_code=per_code)
+    return {c: ranked(text, a.spans, a.scores[k], top) for k, c in enumerate(codes)}
 
 
 def add_evidence(doc: dict, pipe, text: str, result, top: int | None = TOP, per_code: int | None = PER_CODE) -> dict:
-    """Adds `spans` to each predicted code of the infer.py JSON object `doc` and `sentence` (the span whose
-    hiding lowers that concept's answer most; None for a concept not asked or with no span that lowers it) to
+    """Adds `spans` to each predicted code of the infer.py JSON object `doc` and `sentence` (the span with the
+    largest effect, drop + gain, on that concept's answer; None for a concept not asked or with no positive one) to
     each of its evidence concepts. Returns doc."""
     t0 = time.perf_counter()
     index = {c: j for j, c in enumerate(pipe.cs.codes)}
     predicted = [c for c in doc["codes"] if c["predicted"]]
-    spans, concept_ids, cdrops, scores = attribute(pipe, text, result, [index[c["code"]] for c in predicted],
-                                                   per_code=per_code)
-    by_text = {pipe.cs.concepts[i].text: r for r, i in enumerate(concept_ids)}
+    a = attribute(pipe, text, result, [index[c["code"]] for c in predicted], per_code=per_code)
+    by_text = {pipe.cs.concepts[i].text: r for r, i in enumerate(a.concept_ids)}
     for k, c in enumerate(predicted):
-        c["spans"] = ranked(text, spans, scores[k], top)
+        c["spans"] = ranked(text, a.spans, a.scores[k], top)
         for ev in c["evidence"]:
             r = by_text.get(ev["concept"])
-            best = ranked(text, spans, cdrops[r], 1) if r is not None else []
+            best = ranked(text, a.spans, a.concept_scores[r], 1) if r is not None else []
             ev["sentence"] = best[0] if best else None
     if "timing" in doc:
         doc["timing"]["evidence_seconds"] = round(time.perf_counter() - t0, 3)

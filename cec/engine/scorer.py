@@ -240,12 +240,12 @@ class PrefixScorer:
         return out.float().cpu()
 
 
-def visible(length: int, hide: list[tuple[int, int] | None], device=None) -> torch.Tensor:
-    """[len(hide), length] bool: False on each row's hidden (start, end) range."""
+def visible(length: int, hide: list, device=None) -> torch.Tensor:
+    """[len(hide), length] bool: False on each row's hidden range(s): a (start, end) pair, a list of them, or None."""
     seen = torch.ones(len(hide), length, dtype=torch.bool, device=device)
     for row, h in enumerate(hide):
-        if h is not None:
-            seen[row, h[0]: h[1]] = False
+        for a, b in ([h] if h and isinstance(h[0], int) else h or ()):
+            seen[row, a:b] = False
     return seen
 
 
