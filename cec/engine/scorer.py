@@ -116,8 +116,9 @@ class PrefixScorer:
     """Scores yes/no questions that all follow one shared prefix.
 
     score(prefix_ids, questions) -> float32 scores l_yes - l_no, one per question; P(yes) = sigmoid(score).
-    score(prefix_ids, questions, hide) -> the same with hide[i] = (start, end) prefix token positions that
-    question i may not attend to (None: sees all); a mask in the prefix partial, the prefix is still encoded once.
+    score(prefix_ids, questions, hide) -> the same with hide[i] = (start, end) prefix token positions, or a list of
+    such ranges, that question i may not attend to (None: sees all); a mask in the prefix partial, the prefix is
+    still encoded once.
 
     attention: how the question tokens read the prefix, "cascade" (two partials merged; the reference and the
     default, with no compile cost) or "flex" (one FlexAttention call per layer, its kernel compiled: it skips
@@ -170,7 +171,7 @@ class PrefixScorer:
 
     @torch.no_grad()
     def score(self, prefix_ids: list[int], questions: list[list[int]],
-              hide: list[tuple[int, int] | None] | None = None) -> torch.Tensor:
+              hide: list | None = None) -> torch.Tensor:
         if not questions:
             return torch.empty(0)
         if any(len(q) == 0 for q in questions):
