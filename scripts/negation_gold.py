@@ -165,7 +165,7 @@ def without_pairs(args, notes, dropped: set) -> dict:
     all gold, and (fitted_on_coder_labels) on the labels a coder would give the blanked notes."""
     import numpy as np
 
-    from crossfit_eval import LLM_SYSTEMS, cached, scored_training_notes  # noqa: E402 -- scripts/, beside this file
+    from crossfit_eval import LLM_SYSTEMS, cached, gold, scored_training_notes  # noqa: E402 -- scripts/
     from cec.evaluation.crossfit import bottleneck_system, cross_fitted
     from cec.evaluation.metrics import label_matrix
     from cec.evaluation.score_cache import ScoreCache
@@ -194,7 +194,7 @@ def without_pairs(args, notes, dropped: set) -> dict:
     # fitted on all gold (training notes: their labels and blanked_labels), and on what a coder would code from
     # the blanked note (dev: without the dropped pairs; training notes: their labels, as --coder-notes writes them)
     return {"gold_pairs_left_out": int((~keep).sum()),
-            **figures(y, lambda n: n["labels"] + n.get("blanked_labels", [])),
+            **figures(y, gold),
             "fitted_on_coder_labels": figures(y & keep, lambda n: n["labels"])}
 
 
