@@ -6,8 +6,9 @@
    and each CodiEsp-X mention of a CodiEsp-D50 code mapped to the English line(s) of its span. On all dev notes.
 2. Ranking: for every gold (note, code) of CodiEsp-D50 in the first --max-notes notes with one (after skipping
    --skip of them), the note's sentences are ranked for the code, whether or not it was predicted: by our
-   attribution (drop + gain, asking --per-code concepts per code; "ours_N" rows: the first N of them only, from the
-   same questions; "ours_drop" and "ours_gain": each part alone), by BM25 (the old report's
+   attribution (drops, and gains for the codes --gain picks; asking --per-code concepts per code; "ours_N" rows:
+   the first N of them only, from the same questions; "ours_drop" and "ours_gain": each part alone; every row also
+   split into the gold codes the pipeline predicted and those it did not), by BM25 (the old report's
    report: cec.coding.report's tokens, the code description and its Yes concepts as the query, ties in note order), by
    a random ranking (its expected hit@k, exactly) and by note order. hit@k: a gold sentence in the top k.
 3. Faithfulness: for the note's most probable predicted code, the note is coded again (stage 1 whole, then the
@@ -27,7 +28,8 @@ from pathlib import Path
 import torch
 
 from cec.evaluation.align import align, map_span, parse_offsets
-from cec.coding.attribution import PER_CODE, attribute, evidence_weights, note_sentences, strongest
+from cec.coding.attribution import (GAIN, GAINS, PER_CODE, attribute, evidence_weights, note_sentences,
+                                    strongest)
 from cec.coding.output import code_list
 from cec.coding.pipeline import CECPipeline, shown_concepts
 from cec.coding.stages import prefix_ids
@@ -138,12 +140,11 @@ def sigmoid(x: float) -> float:
 
 def summarise(out, n_notes, n_pairs, hits, by_pred, faith, times, args) -> None:
     mean = lambda xs: round(sum(xs) / len(xs), 4) if xs else None  # noqa: E731
-    out["ranking"] = {"notes": n_notes, "gold_pairs": n_pairs,
-                      **{m: {"hit@1": round(h[0] / n_pairs, 4), "hit@3": round(h[1] / n_pairs, 4)}
-                         for m, h in hits.items()},
-                      **{f"ours_hit@3_{'predicted' if k else 'not_predicted'}":
-                         {"pairs": v[0], "hit@3": round(v[1] / v[0], 4) if v[0] else None}
-                         for k, v in sorted(by_pred.items())}}
+    rate = lambda h, n: {"hit@1": round(h[0] / n, 4), "hit@3": round(h[1] / n, 4)}  # noqa: E731
+    out["ranking"] = {"notes": n_notes, "gold_pairs": n_pairs, **{m: rate(h, n_pairs) for m, h in hits.items()},
+                      **{"predicted" if k else "not_predicted":
+                         {"pairs": n, **{m: rate(h, n) for m, h in v.items()}}
+                         for k, (n, v) in sorted(by_pred.items()) if n}}
     out["faithfulness"] = {"codes": len(faith), "prob_drop_top": mean([f[0] for f in faith]),
                            "prob_drop_random": mean([f[1] for f in faith]),
                            "logit_drop_top": mean([f[2] for f in faith]),
@@ -152,7 +153,7 @@ def summarise(out, n_notes, n_pairs, hits, by_pred, faith, times, args) -> None:
     out["time"] = {"notes": len(times), "code_seconds_per_note": mean([t[0] for t in times]),
                    "evidence_seconds_per_note": mean([t[1] for t in times]),
                    "ratio_with_evidence": round((code_s + ev_s) / code_s, 3) if code_s else None,
-                   "threads": args.threads, "per_code": args.per_code or "all"}
+                   "threads": args.threads, "per_code": args.per_code or "all", "gain": args.gain}
 
 
 def main(argv=None) -> dict:
@@ -168,6 +169,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--per-code", type=int, default=PER_CODE,
                     help=f"concepts asked per code (default {PER_CODE}, as infer.py; 0: all of them)")
+    ap.add_argument("--gain", choices=GAINS, default=GAIN,
+                    help=f"which codes get gains besides drops (default {GAIN}, as infer.py; attribution.gain_codes)")
     ap.add_argument("--out", type=Path, help="also write the JSON here, updated after every note")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -181,7 +184,7 @@ def main(argv=None) -> dict:
     out = {"alignment": out}
     rng = random.Random(args.seed)
     hits = defaultdict(lambda: [0.0, 0.0])  # method -> [hit@1, hit@3] sums
-    by_pred = defaultdict(lambda: [0, 0.0])  # predicted?: [pairs, our hit@3]
+    by_pred = defaultdict(lambda: [0, defaultdict(lambda: [0.0, 0.0])])  # predicted?: [pairs, hits as above]
     n_pairs, times, faith = 0, [], []
     run = [n for n in notes if any((n["id"], c) in gold for c in n["labels"])][args.skip: args.skip + args.max_notes]
     for n in run:
@@ -191,14 +194,14 @@ def main(argv=None) -> dict:
         t1 = time.perf_counter()
         spans = note_sentences(text)
         predicted = [codes.index(c["code"]) for c in code_list(result, pipe) if c["predicted"]]
-        pred_attr = attribute(pipe, text, result, predicted, spans, per_code)  # add_evidence's work, less the JSON
+        pred_attr = attribute(pipe, text, result, predicted, spans, per_code, args.gain)  # add_evidence's work
         t2 = time.perf_counter()
         pred_scores = pred_attr.scores
         times.append((t1 - t0, t2 - t1))
         want = [c for c in n["labels"] if (nid, c) in gold]
         idx = [codes.index(c) for c in want]
         rest = [j for j in idx if j not in predicted]  # gold codes not predicted: ranked all the same
-        rest_attr = attribute(pipe, text, result, rest, spans, per_code) if rest else None
+        rest_attr = attribute(pipe, text, result, rest, spans, per_code, args.gain) if rest else None
 
         def gold_rows(part):  # [len(idx), sentences]: one part of the gold codes' scores
             per = [None if a is None else part(codes_, a) for codes_, a in ((predicted, pred_attr), (rest, rest_attr))]
@@ -215,13 +218,14 @@ def main(argv=None) -> dict:
             words = [pipe.cs.descriptions[c]] + [pipe.cs.concepts[i].text for i in evidence_weights(pipe, result, j)]
             orders = {m: torch.argsort(sc[k], descending=True, stable=True).tolist() for m, sc in scores.items()}
             orders.update({"bm25": bm25_order(text, spans, " ".join(words)), "first": list(range(len(spans)))})
-            for m, order in orders.items():
-                hits[m][0] += order[0] in g
-                hits[m][1] += bool(g & set(order[:3]))
-            hits["random"][0] += random_hit(len(spans), len(g), 1)
-            hits["random"][1] += random_hit(len(spans), len(g), 3)
-            by_pred[j in predicted][0] += 1
-            by_pred[j in predicted][1] += bool(g & set(orders["ours"][:3]))
+            part = by_pred[j in predicted]
+            for h in (hits, part[1]):
+                for m, order in orders.items():
+                    h[m][0] += order[0] in g
+                    h[m][1] += bool(g & set(order[:3]))
+                h["random"][0] += random_hit(len(spans), len(g), 1)
+                h["random"][1] += random_hit(len(spans), len(g), 3)
+            part[0] += 1
             n_pairs += 1
         if predicted and not args.no_faithfulness and len(spans) > 1:
             top = 0  # code_list is sorted by probability: the most probable predicted code

@@ -122,8 +122,11 @@ def test_evidence_eval_runs_end_to_end_on_a_tiny_linear_pipeline(tmp_path, monke
     rows = ("ours", "ours_1", "ours_drop", "ours_gain", "bm25", "first")
     assert r["gold_pairs"] == 4 and set(rows) | {"random"} <= set(r)
     assert all(0 <= r[m]["hit@1"] <= r[m]["hit@3"] <= 1 for m in rows)
+    split = [r[k] for k in ("predicted", "not_predicted") if k in r]
+    assert sum(x["pairs"] for x in split) == 4 and all(set(rows) <= set(x) for x in split)
     assert out["faithfulness"]["codes"] == 2 and out["time"]["per_code"] == 2 and out["time"]["notes"] == 2
     assert out["time"]["ratio_with_evidence"] > 1
     second = ev.main(["--src", str(src), "--dev", str(dev), "--pipeline", str(tmp_path), "--skip", "1",
-                      "--max-notes", "5", "--per-code", "2", "--no-faithfulness"])
+                      "--max-notes", "5", "--per-code", "2", "--no-faithfulness", "--gain", "all"])
     assert second["ranking"]["notes"] == 1 and second["ranking"]["gold_pairs"] == 2  # note1 only
+    assert second["time"]["gain"] == "all" and out["time"]["gain"] == "unpredicted"
