@@ -6,8 +6,8 @@
    and each CodiEsp-X mention of a CodiEsp-D50 code mapped to the English line(s) of its span. On all dev notes.
 2. Ranking: for every gold (note, code) of CodiEsp-D50 in the first --max-notes notes with one (after skipping
    --skip of them), the note's sentences are ranked for the code, whether or not it was predicted: by our
-   attribution (drops, and gains for the codes --gain picks; asking --per-code concepts per code; "ours_N" rows:
-   the first N of them only, from the same questions; "ours_drop" and "ours_gain": each part alone; every row also
+   attribution (drops, or with --gain drop + gain; asking --per-code concepts per code; "ours_N" rows: the first N
+   of them only, from the same questions; with --gain, "ours_drop" and "ours_gain": each part alone; every row also
    split into the gold codes the pipeline predicted and those it did not), by BM25 (the old report's
    report: cec.coding.report's tokens, the code description and its Yes concepts as the query, ties in note order), by
    a random ranking (its expected hit@k, exactly) and by note order. hit@k: a gold sentence in the top k.
@@ -28,8 +28,7 @@ from pathlib import Path
 import torch
 
 from cec.evaluation.align import align, map_span, parse_offsets
-from cec.coding.attribution import (GAIN, GAINS, PER_CODE, attribute, evidence_weights, note_sentences,
-                                    strongest)
+from cec.coding.attribution import PER_CODE, attribute, evidence_weights, note_sentences, strongest
 from cec.coding.output import code_list
 from cec.coding.pipeline import CECPipeline, shown_concepts
 from cec.coding.stages import prefix_ids
@@ -169,8 +168,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--per-code", type=int, default=PER_CODE,
                     help=f"concepts asked per code (default {PER_CODE}, as infer.py; 0: all of them)")
-    ap.add_argument("--gain", choices=GAINS, default=GAIN,
-                    help=f"which codes get gains besides drops (default {GAIN}, as infer.py; attribution.gain_codes)")
+    ap.add_argument("--gain", action="store_true",
+                    help="rank by drop + gain (attribution.attribute(gain=True)); default: drops only, as infer.py")
     ap.add_argument("--out", type=Path, help="also write the JSON here, updated after every note")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -211,8 +210,10 @@ def main(argv=None) -> dict:
         if idx:
             scores = {f"ours_{n}": gold_rows(lambda c, a, n=n: ranking_scores(pipe, result, c, a, per_code, n))
                       for n in fewer}
-            scores |= {"ours": gold_rows(lambda c, a: a.scores), "ours_drop": gold_rows(lambda c, a: a.code_drops),
-                       "ours_gain": gold_rows(lambda c, a: a.code_gains)}
+            scores["ours"] = gold_rows(lambda c, a: a.scores)
+            if args.gain:
+                scores |= {"ours_drop": gold_rows(lambda c, a: a.code_drops),
+                           "ours_gain": gold_rows(lambda c, a: a.code_gains)}
         for k, (c, j) in enumerate(zip(want, idx)):
             g = gold[(nid, c)]
             words = [pipe.cs.descriptions[c]] + [pipe.cs.concepts[i].text for i in evidence_weights(pipe, result, j)]

@@ -164,7 +164,7 @@ def test_code_scores_are_weighted_concept_effects_plus_the_code_question_effect(
     w = evidence_weights(pipe, result, j)
     own = set(pipe.cs.concept_ids(pipe.cs.codes[j]))
     assert w and set(w) <= own and all(result.concept_probs[i] >= pipe.config.concept_threshold for i in w)
-    a = attribute(pipe, NOTE, result, [j], per_code=None, gain="all")
+    a = attribute(pipe, NOTE, result, [j], per_code=None, gain=True)
     assert a.concept_ids == sorted(w)
     for measure, got in (("drop", a.code_drops[0]), ("gain", a.code_gains[0])):
         want = (torch.tensor([w[i] for i in a.concept_ids]) @ concept_effects(pipe, NOTE, a.concept_ids, spans, measure)
@@ -172,25 +172,8 @@ def test_code_scores_are_weighted_concept_effects_plus_the_code_question_effect(
         assert (got - want).abs().max().item() < TOL
     assert torch.allclose(a.scores, a.code_drops + a.code_gains)
     assert a.code_gains.abs().max() > 0
-    only_drops = attribute(pipe, NOTE, result, [j], per_code=None, gain="none")
+    only_drops = attribute(pipe, NOTE, result, [j], per_code=None)  # the default: drops only
     assert torch.allclose(only_drops.scores, a.code_drops, atol=TOL) and not only_drops.concept_gains.any()
-
-
-def test_by_default_only_codes_not_predicted_get_gains(pipe):
-    from cec.coding.attribution import attribute, gain_codes
-
-    result = pipe.code_note(NOTE)
-    result.predicted[:] = [j % 2 == 0 for j in range(len(result.predicted))]  # some of each
-    codes = [0, 1, 2, 3]
-    assert gain_codes(result, codes) == [1, 3] and gain_codes(result, codes, "all") == codes
-    assert gain_codes(result, codes, "none") == []
-    with pytest.raises(ValueError, match="gain must be one of"):
-        gain_codes(result, codes, "some")
-    auto, every = attribute(pipe, NOTE, result, codes), attribute(pipe, NOTE, result, codes, gain="all")
-    assert torch.allclose(auto.code_drops, every.code_drops, atol=TOL)
-    assert not auto.code_gains[[0, 2]].any()  # predicted: drops only, as infer.py's evidence
-    assert torch.allclose(auto.code_gains[[1, 3]], every.code_gains[[1, 3]], atol=TOL)
-    assert every.code_gains[[1, 3]].abs().max() > 0
 
 
 def test_per_code_asks_the_concepts_whose_terms_can_fall_most(pipe):
@@ -208,7 +191,7 @@ def test_per_code_asks_the_concepts_whose_terms_can_fall_most(pipe):
     a = attribute(pipe, NOTE, result, [j], per_code=1)
     assert len(a.concept_ids) == 1
     assert torch.allclose(a.concept_drops, concept_effects(pipe, NOTE, a.concept_ids, spans), atol=TOL)
-    assert not result.predicted[j] or not a.concept_gains.any()  # a predicted code: no gains by default
+    assert not a.concept_gains.any()  # no gains by default
 
 
 def test_concept_drops_equal_rescoring_with_the_sentence_masked(pipe):

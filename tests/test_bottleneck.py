@@ -260,7 +260,7 @@ def test_pipeline_whose_linear_stage_also_reads_the_direct_question(cs, tmp_path
     assert "; direct question " in format_table(note_json(result, note, pipe), result.timing)
     # a sentence's score adds the drop of the direct question, times its weight
     spans = note_sentences(note)
-    a = attribute(pipe, note, result, [0], per_code=None, gain="all")
+    a = attribute(pipe, note, result, [0], per_code=None, gain=True)
     coef = torch.tensor([float(pipe.bottleneck.coefficients(result.concept_probs, 0)[i]) for i in a.concept_ids])
     for measure, got in (("drop", a.code_drops[0]), ("gain", a.code_gains[0])):
         want = (coef @ concept_effects(pipe, note, a.concept_ids, spans, measure)

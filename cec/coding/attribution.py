@@ -1,16 +1,15 @@
 """Model-grounded evidence: the sentences of the note that a code's answers depend on.
 
-A sentence's effect on a yes/no question has two parts, both read off the cached note:
+A sentence's effect on a yes/no question is its drop, and with gain=True its drop + gain, both read off the
+cached note:
 - drop (is it needed?): the question's score (l_yes - l_no) with the whole note minus its score when the
   question's tokens may not attend to that sentence's tokens;
 - gain (does it say so on its own?): the score when of the note's sentences the question may read only that one,
   minus the score when it may read none of them.
-Its effect is drop + gain (ERASER's comprehensiveness and sufficiency, DeYoung et al. 2020, read as logit changes).
-The drop finds the reasons of a Yes answer but hardly moves for a concept answered No, so it says little about
-where a code that was not predicted is talked about; the gain does better there. Gains double the questions, and
-on the predicted codes (the evidence infer.py shows) they bought nothing measurable on held-out dev notes, so by
-default (GAIN) only the codes not predicted get them (`explain(codes=...)`, `scripts/evidence_eval.py`, which
-reports the parts; README "Evidence"). Nothing of the note is re-encoded per sentence: every (question, visible sentences) pair is one more
+Drop and gain are ERASER's comprehensiveness and sufficiency (DeYoung et al. 2020) read as logit changes. Gains
+double the questions and, measured against CodiEsp-X gold on held-out dev notes, ranked no better than drops alone
+(README "Evidence"), so they are off by default (scripts/evidence_eval.py --gain reports both).
+Nothing of the note is re-encoded per sentence: every (question, visible sentences) pair is one more
 short question against the stage's prefix (PrefixScorer.score(..., hide)), and that prefix is the very cache coding
 filled (the pipeline's scorers keep their last one). Only the question's reading of the note is masked: the tokens
 encoded after a sentence, which read it then, keep what they read -- the later note tokens and the question header
@@ -45,8 +44,6 @@ from cec.coding.stages import prefix_ids
 LONG_LINE = 300  # characters: a longer line is cut into sentences, a shorter one is one sentence
 TOP = 3  # spans kept per code
 PER_CODE = 3  # concepts asked per code (see the module's docstring); None: all
-GAINS = ("unpredicted", "all", "none")
-GAIN = "unpredicted"  # which codes get gains besides drops (gain_codes); README "Evidence" has the figures
 
 
 def note_sentences(text: str, long: int = LONG_LINE) -> list[tuple[int, int]]:
@@ -215,9 +212,9 @@ class Attribution:
     spans: list[tuple[int, int]]  # the note's sentences (character offsets)
     concept_ids: list[int]  # the concepts asked, ascending
     concept_drops: torch.Tensor  # [concepts, sentences]
-    concept_gains: torch.Tensor  # [concepts, sentences]; zeros for the concepts of no code with gains
+    concept_gains: torch.Tensor  # [concepts, sentences]; zeros when measured without gains
     code_drops: torch.Tensor  # [codes, sentences]: weighted concept drops (+ the code/direct question's drop)
-    code_gains: torch.Tensor  # [codes, sentences]: the same for gains; zeros for a code without them
+    code_gains: torch.Tensor  # [codes, sentences]: the same for gains
 
     @property
     def concept_scores(self) -> torch.Tensor:
@@ -229,18 +226,10 @@ class Attribution:
         return self.code_drops + self.code_gains
 
 
-def gain_codes(result, code_indices: list[int], gain: str = GAIN) -> list[int]:
-    """Which of code_indices also get gains: "unpredicted" (the codes the pipeline did not predict: their concepts
-    answer No, so hiding a sentence moves little), "all" or "none"."""
-    if gain not in GAINS:
-        raise ValueError(f"gain must be one of {', '.join(GAINS)}, not {gain!r}")
-    return [j for j in code_indices if gain == "all" or (gain == "unpredicted" and not result.predicted[j])]
-
-
 def attribute(pipe, text: str, result, code_indices: list[int], spans=None, per_code: int | None = PER_CODE,
-              gain: str = GAIN) -> Attribution:
-    """Drops of the note's sentences for the codes `code_indices`, and gains for those gain_codes picks; one scorer
-    call per measure and question kind."""
+              gain: bool = False) -> Attribution:
+    """Drops of the note's sentences for the codes `code_indices`, and with gain=True their gains too (twice the
+    questions); one scorer call per measure and question kind."""
     spans = note_sentences(text) if spans is None else spans
     weights = [strongest(evidence_weights(pipe, result, j), result.concept_probs, per_code) for j in code_indices]
     concept_ids = sorted({i for w in weights for i in w})
@@ -249,25 +238,18 @@ def attribute(pipe, text: str, result, code_indices: list[int], spans=None, per_
     for k, wk in enumerate(weights):
         for i, v in wk.items():
             w[k, row[i]] = v
-
-    def code_part(cpart, codes, measure):  # [len(codes), S]: weighted concept part + the code/direct question's
-        ks = [code_indices.index(j) for j in codes]
-        out = w[ks] @ cpart
-        if stage2_is_llm(pipe) and codes:
-            out = out + code_question_effects(pipe, text, result, codes, spans, measure)
-        if result.direct_probs is not None and codes:
-            out = out + pipe.bottleneck.direct * direct_question_effects(pipe, text, codes, spans, measure)
-        return out
-
-    cdrops = concept_effects(pipe, text, concept_ids, spans)
-    drop = code_part(cdrops, code_indices, "drop")
-    cgains, gained = torch.zeros_like(cdrops), torch.zeros_like(drop)
-    codes = gain_codes(result, code_indices, gain)
-    if codes:
-        asked = sorted({i for j in codes for i in weights[code_indices.index(j)]})
-        rows = [row[i] for i in asked]
-        cgains[rows] = concept_effects(pipe, text, asked, spans, "gain")
-        gained[[code_indices.index(j) for j in codes]] = code_part(cgains, codes, "gain")
+    parts = []
+    for measure in ("drop", "gain") if gain else ("drop",):
+        cpart = concept_effects(pipe, text, concept_ids, spans, measure)
+        code = w @ cpart
+        if stage2_is_llm(pipe) and code_indices:
+            code = code + code_question_effects(pipe, text, result, code_indices, spans, measure)
+        if result.direct_probs is not None and code_indices:
+            code = code + pipe.bottleneck.direct * direct_question_effects(pipe, text, code_indices, spans, measure)
+        parts.append((cpart, code))
+    if not gain:
+        parts.append((torch.zeros_like(parts[0][0]), torch.zeros_like(parts[0][1])))
+    (cdrops, drop), (cgains, gained) = parts
     return Attribution(spans, concept_ids, cdrops, cgains, drop, gained)
 
 
@@ -292,8 +274,8 @@ def explain(pipe, text: str, result, codes: list[str] | None = None, top: int | 
 
 
 def add_evidence(doc: dict, pipe, text: str, result, top: int | None = TOP, per_code: int | None = PER_CODE) -> dict:
-    """Adds `spans` to each predicted code of the infer.py JSON object `doc` and `sentence` (the span with the
-    largest effect, drop + gain, on that concept's answer; None for a concept not asked or with no positive one) to
+    """Adds `spans` to each predicted code of the infer.py JSON object `doc` and `sentence` (the span whose
+    hiding lowers that concept's answer most; None for a concept not asked or with no span that lowers it) to
     each of its evidence concepts. Returns doc."""
     t0 = time.perf_counter()
     index = {c: j for j, c in enumerate(pipe.cs.codes)}
