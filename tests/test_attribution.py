@@ -237,6 +237,9 @@ def test_json_gets_spans_per_predicted_code_and_a_sentence_per_yes_concept(pipe)
                 continue
             if ev["sentence"] is not None:
                 assert NOTE[ev["sentence"]["start"]:ev["sentence"]["end"]] == ev["sentence"]["text"]
+    # gain=True: the same contract, spans ranked by drop + gain
+    with_gain = add_evidence(note_json(result, NOTE, pipe), pipe, NOTE, result, gain=True)
+    assert {c["code"]: c["spans"] for c in with_gain["codes"]} == explain(pipe, NOTE, result, gain=True)
 
 
 def test_evidence_reads_the_cache_coding_filled(pipe, monkeypatch):

@@ -264,23 +264,24 @@ def ranked(text: str, spans, scores: torch.Tensor, top: int | None = TOP) -> lis
 
 
 def explain(pipe, text: str, result, codes: list[str] | None = None, top: int | None = TOP,
-            per_code: int | None = PER_CODE) -> dict[str, list[dict]]:
+            per_code: int | None = PER_CODE, gain: bool = False) -> dict[str, list[dict]]:
     """{code: [{"start", "end", "text", "score"}, ...] best first} for `codes` (default: the predicted ones)."""
     if codes is None:
         codes = [c["code"] for c in code_list(result, pipe) if c["predicted"]]
     index = {c: j for j, c in enumerate(pipe.cs.codes)}
-    a = attribute(pipe, text, result, [index[c] for c in codes], per_code=per_code)
+    a = attribute(pipe, text, result, [index[c] for c in codes], per_code=per_code, gain=gain)
     return {c: ranked(text, a.spans, a.scores[k], top) for k, c in enumerate(codes)}
 
 
-def add_evidence(doc: dict, pipe, text: str, result, top: int | None = TOP, per_code: int | None = PER_CODE) -> dict:
-    """Adds `spans` to each predicted code of the infer.py JSON object `doc` and `sentence` (the span whose
-    hiding lowers that concept's answer most; None for a concept not asked or with no span that lowers it) to
-    each of its evidence concepts. Returns doc."""
+def add_evidence(doc: dict, pipe, text: str, result, top: int | None = TOP, per_code: int | None = PER_CODE,
+                 gain: bool = False) -> dict:
+    """Adds `spans` to each predicted code of the infer.py JSON object `doc` and `sentence` (the span with the
+    largest effect on that concept's answer: its drop, plus its gain with gain=True; None for a concept not asked
+    or with no positive one) to each of its evidence concepts. Returns doc."""
     t0 = time.perf_counter()
     index = {c: j for j, c in enumerate(pipe.cs.codes)}
     predicted = [c for c in doc["codes"] if c["predicted"]]
-    a = attribute(pipe, text, result, [index[c["code"]] for c in predicted], per_code=per_code)
+    a = attribute(pipe, text, result, [index[c["code"]] for c in predicted], per_code=per_code, gain=gain)
     by_text = {pipe.cs.concepts[i].text: r for r, i in enumerate(a.concept_ids)}
     for k, c in enumerate(predicted):
         c["spans"] = ranked(text, a.spans, a.scores[k], top)
