@@ -12,9 +12,11 @@ all notes, with a bootstrap 95% interval of micro-F1. Prints JSON; --out also wr
 what a pipeline ships; with --fit-direct that bottleneck also reads the fine-tuned direct question (the row "Concept
 bottleneck + direct-FT question", there whenever the cache has direct-FT scores). With --fit-train the bottleneck
 (its own row, and --fit-out) also fits on the --train notes the cache has stage-1 scores of; its calibration and
-threshold stay fitted on dev notes only. With --train, the row "Concept bottleneck + TF-IDF logit" reads TF-IDF +
-LR's logit (fitted on --train, both read as the pipeline reads notes) as one more shared weight: what a lexical
-prior would add (not a stage 2 a pipeline can ship today). With --coder-labels (--notes and --train written by
+threshold stay fitted on dev notes only. With --lexical the lexical prior (cec.coding.lexical: TF-IDF + logistic
+regression, C by cross-validation) is fitted on the --train notes as the pipeline reads them, on the labels the
+bottleneck fits on; rows "+ lexical prior" read its logit as one more shared weight (dev notes: the prior fitted on
+all training notes; training notes: out-of-fold priors), and --fit-out ships it beside the bottleneck. With
+--coder-labels (--notes and --train written by
 scripts/negation_gold.py --coder-notes) one more bottleneck row, and --fit-out, fit on the labels a coder gives the
 blanked notes (the gold codes whose every mention negation blanks left out); every row is judged on all gold.
 """
@@ -30,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cec.coding import negation  # noqa: E402
 from cec.coding.calibration import Platt  # noqa: E402
+from cec.coding.lexical import LexicalPrior  # noqa: E402
 from cec.cli import user_errors  # noqa: E402
 from cec.engine.lora import read_adapter_config  # noqa: E402
 from cec.evaluation.crossfit import bottleneck_system, fit_bottleneck, halves, score_system  # noqa: E402
@@ -55,13 +58,17 @@ def gold(note: dict) -> list[str]:
     return note["labels"] + note.get("blanked_labels", [])
 
 
-def scored_training_notes(cache, key: str, train: list[dict], cs, where: str, flag: str = "--fit-train"):
-    """(stage-1 probabilities, labels) of the training notes the cache has stage-1 scores of (key: CONCEPTS'),
-    for the bottleneck's `also`; fewer than 10 is a DataError."""
-    scored = [n for n in train if cache.get(CONCEPTS, key, n) is not None]
+def scored_training_notes(cache, key: str, train: list[dict], cs, where: str, flag: str = "--fit-train",
+                          lexical_z: np.ndarray | None = None):
+    """(stage-1 probabilities, labels[, lexical logits: rows of lexical_z, given for all of train]) of the training
+    notes the cache has stage-1 scores of (key: CONCEPTS'), for the bottleneck's `also`; fewer than 10 is a
+    DataError."""
+    scored = [i for i, n in enumerate(train) if cache.get(CONCEPTS, key, n) is not None]
     if len(scored) < 10:
         raise DataError(f"{flag}: only {len(scored)} notes of {where} have stage-1 scores in {cache.path} (need 10)")
-    return cached(cache, (CONCEPTS, key), scored), label_matrix([n["labels"] for n in scored], cs.codes)
+    notes = [train[i] for i in scored]
+    out = cached(cache, (CONCEPTS, key), notes), label_matrix([n["labels"] for n in notes], cs.codes)
+    return out if lexical_z is None else (*out, lexical_z[scored])
 
 
 def concept_stage_metrics(cs, concept_p: np.ndarray, y: np.ndarray, threshold: float = 0.5) -> dict:
@@ -95,6 +102,8 @@ def main(argv=None):
                          "--dev TRAIN --cache CACHE)")
     ap.add_argument("--fit-direct", action="store_true",
                     help="the --fit-out bottleneck also reads the direct-FT question (every note needs its scores)")
+    ap.add_argument("--lexical", action="store_true",
+                    help="fit the lexical prior on the --train notes: rows that read it, and --fit-out ships it")
     ap.add_argument("--coder-labels", action="store_true",
                     help="--notes and --train are negation_gold.py --coder-notes files: a bottleneck row fitted on "
                          "their labels (the gold codes negation blanks, in blanked_labels, left out), and --fit-out "
@@ -106,6 +115,10 @@ def main(argv=None):
         raise ConfigError("--fit-train fits on the --train notes: give --train TRAIN too")
     if args.fit_train and args.fit_direct:
         raise ConfigError("--fit-train and --fit-direct: the training notes have no direct-question scores")
+    if args.lexical and not args.train:
+        raise ConfigError("--lexical fits the lexical prior on the --train notes: give --train TRAIN too")
+    if args.lexical and args.fit_direct:
+        raise ConfigError("--lexical and --fit-direct: one bottleneck reads one or the other here")
 
     setup = resolve_setup(args.pipeline, label_adapter=args.label_adapter)
     cs = setup.concept_set
@@ -130,14 +143,15 @@ def main(argv=None):
             _, scores, _ = tfidf_scores(train, [notes[i] for i in tune], notes, cs.codes, tfidf_cache)
             return score_system(scores, y, calibrate=False)(tune)
         rows["TF-IDF + LR (one-vs-rest)"] = (tfidf, everyone)
-        # TF-IDF over the notes as the pipeline reads them (negation: blanked), as one more shared-weight logit
-        # of the bottleneck (the slot that otherwise reads the direct question); a reported row, not shippable
-        read = lambda ns: negation.readable_notes(ns, setup.config.negation)  # noqa: E731
-        train_read, notes_read = read(train), read(notes)
-
-        def bottleneck_tfidf(tune):
-            _, scores, _ = tfidf_scores(train_read, [notes_read[i] for i in tune], notes_read, cs.codes, tfidf_cache)
-            return bottleneck_system(cs, concept_p, y, direct_p=scores)(tune)
+    prior = None  # --lexical: the prior fitted on all training notes, the dev notes' logits, the training notes' (oof)
+    if args.lexical:
+        read = lambda ns: [n["text"] for n in negation.readable_notes(ns, setup.config.negation)]  # noqa: E731
+        prior_train = train_coder if args.coder_labels else train
+        texts, y_prior = read(prior_train), label_matrix([n["labels"] for n in prior_train], cs.codes)
+        print(f"[cec] fitting the lexical prior on {len(texts)} training notes", file=sys.stderr)
+        prior = LexicalPrior.fit(texts, y_prior, cs.codes)
+        lexical_dev, lexical_train = prior.logits(read(notes)), LexicalPrior.out_of_fold(texts, y_prior, cs.codes,
+                                                                                        prior.C)
     scored = {}  # system key -> ([notes, codes] scores, mask of the notes that have them)
     label = setup.config.adapter("label")  # its row says which answers it was trained on (train.py records it)
     answers = read_adapter_config(label)[1].get("concept_answers", "pseudo") if label else "pseudo"
@@ -165,8 +179,16 @@ def main(argv=None):
         rows[f"Concept bottleneck{train_part}, on coder labels"] = (
             bottleneck_system(cs, concept_p, y_coder, also=also_coder), everyone, y_coder)
     rows["Concept bottleneck, per-code thresholds"] = (bottleneck_system(cs, concept_p, y), everyone)
-    if args.train:
-        rows["Concept bottleneck + TF-IDF logit"] = (bottleneck_tfidf, everyone)
+    if args.lexical:  # on the labels the prior was fitted on
+        y_lex, labels_part = (y_coder, ", on coder labels") if args.coder_labels else (y, "")
+        rows[f"Concept bottleneck + lexical prior{labels_part}"] = (
+            bottleneck_system(cs, concept_p, y_lex, lexical_z=lexical_dev), everyone, y_lex)
+        if args.fit_train:
+            also_lex = scored_training_notes(cache, keys[CONCEPTS], prior_train, cs, args.train,
+                                             lexical_z=lexical_train)
+            rows[f"Concept bottleneck + lexical prior, fitted also on {len(also_lex[0])} training notes"
+                 f"{labels_part}"] = (bottleneck_system(cs, concept_p, y_lex, also=also_lex, lexical_z=lexical_dev),
+                                      everyone, y_lex)
     direct_ft = scored.get(LLM_SYSTEMS[1].key)
     if direct_ft is not None:
         rows["Concept bottleneck + direct-FT question"] = (
@@ -198,12 +220,17 @@ def main(argv=None):
                                 "(scripts/evaluate.py --systems direct-ft)")
             direct_p = direct_ft[0]
         fit_y, fit_also = (y_coder, also_coder) if args.coder_labels else (y, also)
-        model, oof = fit_bottleneck(cs, concept_p, fit_y, np.arange(len(notes)), direct_p=direct_p, also=fit_also)
+        lexical_z = None
+        if args.lexical:
+            lexical_z, fit_also = lexical_dev, also_lex if args.fit_train else None
+        model, oof = fit_bottleneck(cs, concept_p, fit_y, np.arange(len(notes)), direct_p=direct_p, also=fit_also,
+                                    lexical_z=lexical_z, prior=prior)
         cal = Platt.fit(oof, fit_y)
         model.save(args.fit_out)
         payload["fitted"] = {"bottleneck": args.fit_out, "l2": model.l2, "calibration": cal.to_json(),
                              "threshold": tune_threshold(fit_y, cal(oof)), "notes": len(notes),
                              "train_notes": 0 if fit_also is None else len(fit_also[0]), "direct": model.direct,
+                             "lexical": model.lexical, "lexical_C": None if prior is None else prior.C,
                              "labels": "coder" if args.coder_labels else "gold"}
     print(json.dumps(payload, indent=1))
     if args.out:

@@ -105,7 +105,7 @@ def recode_score(pipe, text: str, j: int, note_id: str, concept_p=None) -> float
     if concept_p is None:
         concept_p = pipe.concept_probs(text)
     if pipe.bottleneck is not None:
-        x = pipe.bottleneck.logits(concept_p, pipe.bottleneck_direct(text))[j]
+        x = pipe.bottleneck.logits(concept_p, pipe.bottleneck_direct(text), pipe.bottleneck_lexical(text))[j]
     else:
         q = pipe.label_question_ids(concept_p, shown_concepts(pipe.config, pipe.cs, concept_p, note_id))[j]
         prefix = prefix_ids(pipe.tokenizer, pipe.stages["label"].prefix(text))

@@ -103,7 +103,7 @@ def code_probability(pipe, text: str, code: str) -> float:
         full = torch.zeros(len(cs.concepts))
         fitted = pipe.fit_note(text)
         full[own] = pipe.concept_probs(fitted, own)
-        p = pipe.bottleneck.probs(full, pipe.bottleneck_direct(fitted))[j]
+        p = pipe.bottleneck.probs(full, pipe.bottleneck_direct(fitted), pipe.bottleneck_lexical(fitted))[j]
         return float(pipe.calibration(p) if pipe.calibration is not None else p)
     return next(c["probability"] for c in code_list(pipe.code_note(text), pipe) if c["code"] == code)
 

@@ -84,6 +84,46 @@ def test_bottleneck_reads_the_direct_question_when_fitted_with_it(cs, tmp_path):
     assert "direct" not in json.loads((tmp_path / "plain.json").read_text())
 
 
+def worded(cs, y, seed=0):
+    """Texts in which code j's word "wordj" appears when the note has code j, among noise words."""
+    rng = np.random.default_rng(seed)
+    return [" ".join(list(rng.choice([f"noise{i}" for i in range(20)], 8)) + [f"word{j}" for j in np.flatnonzero(row)])
+            for row in y]
+
+
+def test_bottleneck_reads_the_lexical_prior_and_ships_it_beside_its_file(cs, tmp_path):
+    from cec.coding.lexical import LexicalPrior
+    from cec.evaluation.metrics import micro_auc
+
+    p, y = synthetic(cs)
+    p[:] = np.random.default_rng(1).uniform(0.01, 0.4, size=p.shape)  # the concepts carry no signal; the words do
+    texts = worded(cs, y)
+    prior = LexicalPrior.fit(texts[:60], y[:60], cs.codes, C=10.0)
+    lexical = LexicalPrior.out_of_fold(texts[:60], y[:60], cs.codes, C=10.0)
+    model = Bottleneck.fit(cs, p[:60], y[:60], l2=1.0, lexical_z=lexical, prior=prior)
+    assert model.lexical > 0 and model.direct is None and model.side == {"lexical": model.lexical}
+    z_test = prior.logits(texts[60:])
+    assert micro_auc(y[60:], model.probs(p[60:], lexical_z=z_test).numpy()) > 0.9
+    z = model.logits(p[60], lexical_z=z_test[0])
+    for j in range(len(cs.codes)):
+        total = sum(model.contributions(p[60], j).values()) + model.bias[j] + model.lexical_term(z_test[0], j)
+        assert total == pytest.approx(float(z[j]), abs=1e-9)
+    with pytest.raises(ValueError, match="lexical prior"):
+        model.probs(p[60])
+    model.save(tmp_path / "b.json")
+    assert json.loads((tmp_path / "b.json").read_text())["lexical"]["file"] == "b.lexical.safetensors"
+    again = Bottleneck.load(tmp_path / "b.json", cs)
+    assert again.lexical == model.lexical and again.prior.vocabulary == prior.vocabulary
+    assert torch.allclose(again.probs(p[60:], lexical_z=again.prior.logits(texts[60:])),
+                          model.probs(p[60:], lexical_z=z_test), atol=1e-6)
+    (tmp_path / "b.lexical.safetensors").unlink()
+    with pytest.raises(DataError, match="no such lexical-prior file"):
+        Bottleneck.load(tmp_path / "b.json", cs)
+    model.prior = None
+    with pytest.raises(ValueError, match="has none to save"):
+        model.save(tmp_path / "c.json")
+
+
 def test_out_of_fold_predictions_never_see_their_note(cs):
     p, y = synthetic(cs, n=30)
     oof = Bottleneck.out_of_fold(cs, p, y, folds=3, l2=1.0)
@@ -269,6 +309,53 @@ def test_pipeline_whose_linear_stage_also_reads_the_direct_question(cs, tmp_path
         assert direct_question_effects(pipe, note, [0], spans, measure).abs().max() > 0
 
 
+def test_pipeline_whose_linear_stage_also_reads_the_lexical_prior(cs, tmp_path):
+    from tiny_train import save_tiny_model
+
+    from cec.coding.attribution import attribute, concept_effects, lexical_effects, note_sentences
+    from cec.coding.lexical import LexicalPrior
+    from cec.coding.output import code_list, format_table, note_json
+    from cec.coding.pipeline import CECPipeline
+
+    save_tiny_model(tmp_path / "model")
+    cs.save(tmp_path / "concepts.json")
+    p, y = synthetic(cs)
+    texts = worded(cs, y)
+    prior = LexicalPrior.fit(texts, y, cs.codes, C=10.0)
+    lexical = LexicalPrior.out_of_fold(texts, y, cs.codes, C=10.0)
+    Bottleneck.fit(cs, p, y, l2=1.0, lexical_z=lexical, prior=prior).save(tmp_path / "bottleneck.json")
+    (tmp_path / "cec_pipeline.json").write_text(json.dumps({
+        "base_model": str(tmp_path / "model"), "concept_set": str(tmp_path / "concepts.json"), "threshold": 0.0,
+        "label_stage": "linear", "bottleneck": "bottleneck.json", "k": 3, "negation": "on"}))
+    torch.set_num_threads(1)
+    pipe = CECPipeline.load(tmp_path)
+    note = "Fever and word0 today.\nNo word1 at all.\nword0 again, noise3.\n"
+    result = pipe.code_note(note)
+    read = pipe.fit_note(note)  # negation blanks "No word1 at all": the prior reads the note as the model does
+    assert "word1" not in read
+    assert result.lexical_logits.tolist() == pytest.approx(prior.logits([read])[0].tolist(), abs=1e-5)
+    expected = pipe.bottleneck.probs(result.concept_probs, lexical_z=result.lexical_logits)
+    assert result.code_probs.tolist() == pytest.approx(expected.tolist(), abs=1e-12)
+    j0 = cs.codes.index(cs.codes[0])
+    c0 = next(c for c in code_list(result, pipe) if c["code"] == cs.codes[0])
+    assert c0["lexical_prior"]["contribution"] == pytest.approx(
+        pipe.bottleneck.lexical_term(result.lexical_logits, j0), abs=1e-4)
+    assert c0["lexical_prior"]["terms"][0]["ngram"] == "word0"
+    assert "; words 'word0'" in format_table(note_json(result, note, pipe), result.timing)
+    # a sentence's score adds the drop (gain) of the lexical logit, times its weight
+    spans = note_sentences(note)
+    a = attribute(pipe, note, result, [j0], per_code=None, gain=True)
+    coef = torch.tensor([float(pipe.bottleneck.coefficients(result.concept_probs, j0)[i]) for i in a.concept_ids])
+    for measure, got in (("drop", a.code_drops[0]), ("gain", a.code_gains[0])):
+        lex = lexical_effects(pipe, note, [j0], spans, measure)[0]
+        want = coef @ concept_effects(pipe, note, a.concept_ids, spans, measure) + pipe.bottleneck.lexical * lex
+        assert (got - want).abs().max().item() < 1e-4
+        assert lex[0] > 0 and lex[1] == 0  # the first word0 sentence pushes code 0 up; the blanked one reads nothing
+    one = read.replace("word0 again, noise3.", " " * len("word0 again, noise3."))
+    assert lexical_effects(pipe, note, [j0], spans, "drop")[0, 2].item() == pytest.approx(
+        float(prior.logits([read])[0, j0] - prior.logits([one])[0, j0]), abs=1e-4)
+
+
 def test_crossfit_fit_direct_without_fit_out_is_refused(tmp_path):
     """--fit-direct only says what the --fit-out bottleneck reads: alone it is an error, not silently nothing."""
     import importlib.util
@@ -286,8 +373,9 @@ def test_crossfit_fit_direct_without_fit_out_is_refused(tmp_path):
 def test_crossfit_names_the_label_llm_row_after_the_answers_its_adapter_was_trained_on(tmp_path, capsys,
                                                                                     monkeypatch):
     """--label-adapter overrides the pipeline's label adapter, and its row says whether it was trained on pseudo
-    or predicted answers (cec_adapter.json "concept_answers"); with --train the bottleneck row that also reads
-    TF-IDF's logit (no ../shared: scores made up here; the bottleneck's fit replaced by a recorder, for speed)."""
+    or predicted answers (cec_adapter.json "concept_answers"); with --train --lexical the bottleneck rows that also
+    read the lexical prior (no ../shared: scores made up here; the bottleneck's fit replaced by a recorder, for
+    speed, but in --fit-out)."""
     import importlib.util
     import shutil
     from pathlib import Path
@@ -303,10 +391,12 @@ def test_crossfit_names_the_label_llm_row_after_the_answers_its_adapter_was_trai
     spec.loader.exec_module(mod)
     extra = []  # the extra per-code scores each bottleneck row was given
 
-    def fake_bottleneck(cs, concept_p, y, direct_p=None, also=None):
+    def fake_bottleneck(cs, concept_p, y, direct_p=None, also=None, lexical_z=None):
         extra.append(None if direct_p is None else direct_p.shape)
         if also is not None:
-            extra.append(("also", len(also[0])))
+            extra.append(("also", len(also[0])) if len(also) == 2 else ("also+lexical", len(also[0]), also[2].shape))
+        if lexical_z is not None:
+            extra.append(("lexical", lexical_z.shape))
         return score_system(concept_p[:, : y.shape[1]], y)
     monkeypatch.setattr(mod, "bottleneck_system", fake_bottleneck)
     shipped = resolve_setup(None)
@@ -329,16 +419,20 @@ def test_crossfit_names_the_label_llm_row_after_the_answers_its_adapter_was_trai
     assert "CEC, label LLM, k=5 (pseudo answers) (raw)" in names
     names = [r["system"] for r in mod.main(base + ["--label-adapter", str(adapter)])["systems"]]
     assert "CEC, label LLM, k=5 (predicted answers) (raw)" in names
-    # with --train: TF-IDF alone, and as one more logit of the bottleneck over the notes as the pipeline reads them
+    # with --train: TF-IDF alone; with --lexical too, the bottleneck reading the lexical prior fitted on train
     words = ["fever", "cough", "pain", "rash", "edema", "anemia"]
     train = [{"id": f"t{i}", "labels": list(cs.codes[i % 3: i % 3 + 1]),
               "text": f"Patient with {words[i % 3]} and {words[(i + 1) % 6]}. No {words[(i + 2) % 6]}."}
              for i in range(30)]
     write_notes(tmp_path / "train.jsonl", train)
     rows = {r["system"]: r for r in mod.main(base + ["--train", str(tmp_path / "train.jsonl")])["systems"]}
-    assert {"TF-IDF + LR (one-vs-rest)", "Concept bottleneck + TF-IDF logit"} <= set(rows)
-    assert rows["Concept bottleneck + TF-IDF logit"]["notes"] == len(notes)
-    assert (len(notes), len(cs.codes)) in extra  # its bottleneck read one TF-IDF score per note and code
+    assert "TF-IDF + LR (one-vs-rest)" in rows and not any("lexical" in r for r in rows)
+    with pytest.raises(ConfigError, match="give --train"):
+        mod.main(base + ["--lexical"])
+    rows = {r["system"]: r for r in mod.main(base + ["--train", str(tmp_path / "train.jsonl"), "--lexical"])[
+        "systems"]}
+    assert rows["Concept bottleneck + lexical prior"]["notes"] == len(notes)
+    assert ("lexical", (len(notes), len(cs.codes))) in extra  # one lexical logit per note and code
     # --fit-train: a row whose bottleneck also fits on the training notes the cache has stage-1 scores of
     with pytest.raises(DataError, match="only 0 notes"):
         mod.main(base + ["--train", str(tmp_path / "train.jsonl"), "--fit-train"])
@@ -351,6 +445,11 @@ def test_crossfit_names_the_label_llm_row_after_the_answers_its_adapter_was_trai
         "systems"]}
     assert "Concept bottleneck, fitted also on 12 training notes" in rows
     assert ("also", 12) in extra
+    extra.clear()
+    rows = {r["system"]: r for r in mod.main(base + ["--train", str(tmp_path / "train.jsonl"), "--fit-train",
+                                                     "--lexical"])["systems"]}
+    assert "Concept bottleneck + lexical prior, fitted also on 12 training notes" in rows
+    assert ("also+lexical", 12, (12, len(cs.codes))) in extra  # the training notes' out-of-fold lexical logits
     with pytest.raises(ConfigError, match="give --train"):
         mod.main(base + ["--fit-train"])
     # --coder-labels: notes files with blanked_labels (negation_gold.py --coder-notes); every row is judged on all
@@ -359,8 +458,8 @@ def test_crossfit_names_the_label_llm_row_after_the_answers_its_adapter_was_trai
     write_notes(tmp_path / "dev_coder.jsonl", coder)
     write_notes(tmp_path / "train_coder.jsonl", [n | {"labels": [], "blanked_labels": n["labels"]} for n in train])
     fitted = []
-    monkeypatch.setattr(mod, "bottleneck_system", lambda cs, p, y, direct_p=None, also=None: fitted.append(
-        (y.sum(), None if also is None else also[1].sum())) or score_system(p[:, : y.shape[1]], y))
+    monkeypatch.setattr(mod, "bottleneck_system", lambda cs, p, y, direct_p=None, also=None, lexical_z=None: (
+        fitted.append((y.sum(), None if also is None else also[1].sum())) or score_system(p[:, : y.shape[1]], y)))
     coder_base = ["--notes", str(tmp_path / "dev_coder.jsonl"), "--cache", str(tmp_path / "scores.jsonl"),
                   "--train", str(tmp_path / "train_coder.jsonl"), "--fit-train"]
     out = mod.main(coder_base + ["--coder-labels"])
@@ -376,4 +475,9 @@ def test_crossfit_names_the_label_llm_row_after_the_answers_its_adapter_was_trai
     out = mod.main(coder_base + ["--coder-labels", "--fit-out", str(tmp_path / "coder.json")])
     assert out["fitted"]["labels"] == "coder" and out["fitted"]["train_notes"] == 12
     assert mod.main(coder_base + ["--fit-out", str(tmp_path / "gold.json")])["fitted"]["labels"] == "gold"
+    out = mod.main(coder_base + ["--coder-labels", "--lexical", "--fit-out", str(tmp_path / "lexical.json")])
+    assert out["fitted"]["lexical"] is not None and out["fitted"]["lexical_C"] is not None
+    shipped_model = Bottleneck.load(tmp_path / "lexical.json", cs)  # with its prior, beside it
+    assert shipped_model.lexical == out["fitted"]["lexical"] and shipped_model.prior.codes == cs.codes
+    assert (tmp_path / "lexical.lexical.safetensors").exists()
     capsys.readouterr()

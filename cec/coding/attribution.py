@@ -18,7 +18,8 @@ cached with the note. So a gain is what the question reads from that sentence's 
 
 A code's sentence score is sum_i w_i * effect_i over its concepts (evidence_weights), plus the effect on the code's
 own stage-2 question while stage 2 is the label LLM, or on its direct question (times its weight) while a linear
-stage 2 reads one. For a linear concept bottleneck (code logit = b + sum_i w_i * logit(p_i)) the concept part of
+stage 2 reads one, and on its lexical prior's logit (times its weight, cec.coding.lexical) when it reads that.
+For a linear concept bottleneck (code logit = b + sum_i w_i * logit(p_i)) the concept part of
 the drop is the drop of the code's logit carried by the concepts asked, and of the gain the code logit's rise from
 that sentence alone. Which concepts are asked: the PER_CODE of each code whose term has the most room to fall,
 w_i * (x_i + CLIP) with w_i > 0 (a Yes concept at x = +6 can fall by 14, a No at -6 by 2); per_code=None asks all
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cec.coding.bottleneck import CLIP, concept_logits
+from cec.coding.bottleneck import CLIP, concept_logits, side_inputs
 from cec.coding.output import code_list
 from cec.coding.report import sentence_spans
 from cec.coding.stages import prefix_ids
@@ -152,6 +153,34 @@ def gains(scorer, prefix_ids: list[int], header: int, questions: list[list[int]]
 MEASURES = {"drop": drops, "gain": gains}
 
 
+def lexical_effects(pipe, text: str, code_indices: list[int], spans, measure: str = "drop") -> torch.Tensor:
+    """[len(code_indices), len(spans)] drops (or gains) of the codes' lexical-prior logits (clipped, as the
+    bottleneck reads them): the fitted note against it with the sentence blanked (or that sentence alone against
+    none of them). No model runs: the prior re-reads the edited texts."""
+    fitted = pipe.fit_note(text)
+    where = fitted_spans(pipe.readable(text), fitted, spans)
+    live = [s for s, r in enumerate(where) if r is not None]
+
+    def blank(keep_only: set[int] | None, drop: int | None = None) -> str:
+        chars = list(fitted)
+        for s in live:
+            if s == drop or (keep_only is not None and s not in keep_only):
+                a, b = where[s]
+                chars[a:b] = " " * (b - a)
+        return "".join(chars)
+
+    if measure == "drop":
+        texts = [fitted] + [blank(None, s) for s in live]
+    else:
+        texts = [blank(set())] + [blank({s}) for s in live]
+    z = side_inputs(lexical_z=pipe.bottleneck.prior.logits(texts)[:, code_indices])["lexical"].float()
+    out = torch.zeros(len(code_indices), len(spans))
+    if live:
+        sign = 1 if measure == "drop" else -1
+        out[:, live] = sign * (z[:1] - z[1:]).T
+    return out
+
+
 def concept_effects(pipe, text: str, concept_ids: list[int], spans, measure: str = "drop") -> torch.Tensor:
     """[len(concept_ids), len(spans)] drops (or gains: measure="gain") of the concept questions (stage 1) per
     sentence."""
@@ -246,6 +275,8 @@ def attribute(pipe, text: str, result, code_indices: list[int], spans=None, per_
             code = code + code_question_effects(pipe, text, result, code_indices, spans, measure)
         if result.direct_probs is not None and code_indices:
             code = code + pipe.bottleneck.direct * direct_question_effects(pipe, text, code_indices, spans, measure)
+        if result.lexical_logits is not None and code_indices:
+            code = code + pipe.bottleneck.lexical * lexical_effects(pipe, text, code_indices, spans, measure)
         parts.append((cpart, code))
     if not gain:
         parts.append((torch.zeros_like(parts[0][0]), torch.zeros_like(parts[0][1])))

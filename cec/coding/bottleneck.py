@@ -7,9 +7,10 @@ For code c with own concepts i (parent and leaf level), x_i = logit(P(yes) of co
 
 The three pooled weights `a` are shared by all codes (codes with few positives borrow strength from the rest);
 the per-concept weights w_ci and the per-code biases b_c are shrunk by L2 towards 0 and towards the mean bias.
-With a direct question (`direct`, optional), z_c also gets a_direct * logit(P(yes) of code c's direct question,
-asked with the direct adapter, cec.coding.stages.DIRECT): one more shared weight, the fine-tuned direct coder's
-answer read as one more piece of evidence beside the concepts.
+Side logits (SIDE, each optional, one shared weight each) are read beside the concepts: `direct`, the logit of
+code c's direct question asked with the direct adapter (cec.coding.stages.DIRECT), the fine-tuned direct coder's
+answer; `lexical`, the logit of code c under the lexical prior (cec.coding.lexical: TF-IDF + logistic regression
+over the note as read), stored beside the bottleneck file. Each is clipped to +-CLIP like the concepts.
 P(c) = sigmoid(z_c). The logit decomposes exactly into one term per own concept plus the bias
 (`contributions`), which is the evidence a coder reads: which concepts pushed the code up or down.
 Fitted full-batch with L-BFGS on [notes, concepts] probabilities and [notes, codes] labels; the L2 strength
@@ -24,17 +25,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cec.coding.lexical import LexicalPrior
 from cec.errors import DataError
 from cec.io import atomic_write_json
 
 CLIP = 8.0
 L2_GRID = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 POOLED = ("leaf_mean", "own_mean", "own_max")
+SIDE = ("direct", "lexical")  # per-code logits read beside the concepts, in this order
 
 
 def concept_logits(concept_p) -> torch.Tensor:
     p = torch.as_tensor(np.asarray(concept_p), dtype=torch.float64)
     return torch.logit(p.clamp(1e-6, 1 - 1e-6)).clamp(-CLIP, CLIP)
+
+
+def side_inputs(direct_p=None, lexical_z=None) -> dict[str, torch.Tensor]:
+    """The side logits given ({name: clipped [..., codes] logits}): direct_p are probabilities, lexical_z logits."""
+    out = {}
+    if direct_p is not None:
+        out["direct"] = concept_logits(direct_p)
+    if lexical_z is not None:
+        out["lexical"] = torch.as_tensor(np.asarray(lexical_z), dtype=torch.float64).clamp(-CLIP, CLIP)
+    return out
 
 
 @dataclass
@@ -48,33 +61,49 @@ class Bottleneck:
     l2: float = 1.0
     concept_texts: list[str] | None = None  # for a readable file; checked against the concept set on load
     direct: float | None = None  # weight of the direct question's logit; None: the bottleneck does not read it
+    lexical: float | None = None  # weight of the lexical prior's logit; None: not read
+    prior: LexicalPrior | None = None  # the lexical prior (saved beside the bottleneck file), when it is read
+
+    @property
+    def side(self) -> dict[str, float]:
+        """{name: shared weight} of the side logits this bottleneck reads, in SIDE order."""
+        return {k: getattr(self, k) for k in SIDE if getattr(self, k) is not None}
 
     # -- scoring ------------------------------------------------------------------------------------------
     def _pool(self, x: torch.Tensor, j: int) -> torch.Tensor:
         own, leaf = x[..., self.own[j]], x[..., self.leaf[j] or self.own[j]]
         return torch.stack([leaf.mean(-1), own.mean(-1), own.max(-1).values], -1)
 
-    def logits(self, concept_p, direct_p=None) -> torch.Tensor:
-        """[..., concepts] probabilities (and [..., codes] direct-question probabilities, when the bottleneck
-        reads them) -> [..., codes] logits."""
-        if self.direct is not None and direct_p is None:
-            raise ValueError("this bottleneck also reads the direct question: pass its probabilities")
-        return self._logits(concept_logits(concept_p), None if direct_p is None else concept_logits(direct_p))
+    def logits(self, concept_p, direct_p=None, lexical_z=None) -> torch.Tensor:
+        """[..., concepts] probabilities (and the [..., codes] side inputs the bottleneck reads: direct-question
+        probabilities, lexical-prior logits) -> [..., codes] logits."""
+        side = side_inputs(direct_p, lexical_z)
+        missing = [k for k in self.side if k not in side]
+        if missing:
+            words = {"direct": "the direct question (direct_p)", "lexical": "the lexical prior (lexical_z)"}
+            raise ValueError(f"this bottleneck also reads {' and '.join(words[k] for k in missing)}: pass its scores")
+        return self._logits(concept_logits(concept_p), side)
 
-    def _logits(self, x: torch.Tensor, xd: torch.Tensor | None) -> torch.Tensor:
-        """The same from clipped logits x (and xd, read only when the bottleneck reads the direct question)."""
+    def _logits(self, x: torch.Tensor, side: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The same from clipped logits x and side logits (those this bottleneck reads are used)."""
         pooled = torch.as_tensor(self.pooled)
         cols = [self.bias[j] + self._pool(x, j) @ pooled + x[..., self.own[j]] @ torch.as_tensor(self.weights[j])
                 for j in range(len(self.codes))]
         z = torch.stack(cols, -1)
-        return z if self.direct is None else z + self.direct * xd
+        for k, weight in self.side.items():
+            z = z + weight * side[k]
+        return z
 
-    def probs(self, concept_p, direct_p=None) -> torch.Tensor:
-        return torch.sigmoid(self.logits(concept_p, direct_p)).float()
+    def probs(self, concept_p, direct_p=None, lexical_z=None) -> torch.Tensor:
+        return torch.sigmoid(self.logits(concept_p, direct_p, lexical_z)).float()
 
     def direct_term(self, direct_p, j: int) -> float:
         """The direct question's term of code j's logit (0 when the bottleneck does not read it)."""
-        return 0.0 if self.direct is None else self.direct * float(concept_logits(direct_p)[..., j])
+        return 0.0 if self.direct is None else self.direct * float(side_inputs(direct_p=direct_p)["direct"][..., j])
+
+    def lexical_term(self, lexical_z, j: int) -> float:
+        """The lexical prior's term of code j's logit (0 when the bottleneck does not read it)."""
+        return 0.0 if self.lexical is None else self.lexical * float(side_inputs(lexical_z=lexical_z)["lexical"][..., j])
 
     def coefficients(self, concept_p, j: int) -> dict[int, float]:
         """Concept id -> d(code j's logit) / d(its x_i) at these probabilities (the max term goes to the argmax)."""
@@ -94,27 +123,30 @@ class Bottleneck:
     # -- fitting ------------------------------------------------------------------------------------------
     @classmethod
     def fit(cls, cs, concept_p, y, l2: float | None = None, folds: int = 5, seed: int = 0,
-            direct_p=None) -> "Bottleneck":
-        """Fit on [notes, concepts] stage-1 probabilities and [notes, codes] 0/1 labels (cs.codes order), and
-        with direct_p ([notes, codes] direct-question probabilities) a bottleneck that also reads those.
-        l2=None: chosen from L2_GRID by `folds`-fold cross-validation (log-loss) over these notes."""
-        x, y, xd, own, leaf = _inputs(cs, concept_p, y, direct_p)
+            direct_p=None, lexical_z=None, prior: LexicalPrior | None = None) -> "Bottleneck":
+        """Fit on [notes, concepts] stage-1 probabilities and [notes, codes] 0/1 labels (cs.codes order), and with
+        side inputs ([notes, codes] direct_p: direct-question probabilities; lexical_z: lexical-prior logits, from
+        priors that did not see the note, LexicalPrior.out_of_fold) a bottleneck that also reads those; `prior`,
+        the lexical prior it reads at inference (stored with it). l2=None: chosen from L2_GRID by `folds`-fold
+        cross-validation (log-loss) over these notes."""
+        x, y, side, own, leaf = _inputs(cs, concept_p, y, direct_p, lexical_z)
         if l2 is None:
-            l2 = cls._choose_l2(own, leaf, x, y, folds, seed, xd)
-        pooled, bias, weights, direct = cls._fit(own, leaf, x, y, l2, xd)
-        return cls(list(cs.codes), own, leaf, pooled, bias, weights, l2, [c.text for c in cs.concepts], direct)
+            l2 = cls._choose_l2(own, leaf, x, y, folds, seed, side)
+        pooled, bias, weights, weights_side = cls._fit(own, leaf, x, y, l2, side)
+        return cls(list(cs.codes), own, leaf, pooled, bias, weights, l2, [c.text for c in cs.concepts],
+                   weights_side.get("direct"), weights_side.get("lexical"), prior)
 
     @classmethod
     def out_of_fold(cls, cs, concept_p, y, folds: int = 5, seed: int = 0, l2: float | None = None,
-                    direct_p=None) -> np.ndarray:
+                    direct_p=None, lexical_z=None) -> np.ndarray:
         """[notes, codes] probabilities, each note's from a model fitted on the other folds (for calibrating and
         tuning a threshold on the same notes the final model is fitted on); l2=None: chosen per fold, on that
         fold's fitting notes only."""
-        x, y, xd, own, leaf = _inputs(cs, concept_p, y, direct_p)
-        return torch.sigmoid(cls._out_of_fold_logits(own, leaf, x, y, l2, folds, seed, xd)).numpy()
+        x, y, side, own, leaf = _inputs(cs, concept_p, y, direct_p, lexical_z)
+        return torch.sigmoid(cls._out_of_fold_logits(own, leaf, x, y, l2, folds, seed, side)).numpy()
 
     @staticmethod
-    def _fit(own, leaf, x, y, l2, xd=None):
+    def _fit(own, leaf, x, y, l2, side: dict[str, torch.Tensor]):
         n, codes = y.shape
         sizes = [len(o) for o in own]
         flat = torch.cat([torch.as_tensor(o) for o in own])
@@ -126,16 +158,17 @@ class Bottleneck:
         a = torch.zeros(3, dtype=torch.float64, requires_grad=True)
         b = prior.clone().requires_grad_(True)
         w = torch.zeros(len(flat), dtype=torch.float64, requires_grad=True)
-        d = torch.zeros((), dtype=torch.float64, requires_grad=True)  # the direct question's weight (if read)
-        params = [a, b, w] + ([d] if xd is not None else [])
-        opt = torch.optim.LBFGS(params, lr=1, max_iter=150, tolerance_grad=1e-7, tolerance_change=1e-10,
+        names = [k for k in SIDE if k in side]
+        xs = torch.stack([side[k] for k in names], -1) if names else None  # [n, codes, side]
+        d = torch.zeros(len(names), dtype=torch.float64, requires_grad=True)  # the side logits' shared weights
+        opt = torch.optim.LBFGS([a, b, w, d], lr=1, max_iter=150, tolerance_grad=1e-7, tolerance_change=1e-10,
                                 line_search_fn="strong_wolfe")
 
         def closure():
             opt.zero_grad()
             z = b + pooled_x @ a + torch.zeros(n, codes, dtype=torch.float64).index_add(1, owner, xo * w)
-            if xd is not None:
-                z = z + d * xd
+            if xs is not None:
+                z = z + xs @ d
             loss = torch.nn.functional.binary_cross_entropy_with_logits(z, y, reduction="sum") / n
             loss = loss + l2 * (w.square().sum() + (b - b.mean()).square().sum()) / n
             loss.backward()
@@ -144,38 +177,49 @@ class Bottleneck:
         opt.step(closure)
         split = torch.split(w.detach(), sizes)
         return (a.detach().numpy(), b.detach().numpy(), [s.numpy() for s in split],
-                None if xd is None else float(d.detach()))
+                dict(zip(names, d.detach().tolist())))
 
     @classmethod
-    def _out_of_fold_logits(cls, own, leaf, x, y, l2, folds, seed, xd=None) -> torch.Tensor:
+    def _out_of_fold_logits(cls, own, leaf, x, y, l2, folds, seed, side) -> torch.Tensor:
         z = torch.zeros(y.shape, dtype=torch.float64)
         for train, held in _folds(x.shape[0], folds, seed):
-            xd_train = None if xd is None else xd[train]
-            lam = l2 if l2 is not None else cls._choose_l2(own, leaf, x[train], y[train], folds, seed, xd_train)
-            a, b, w, d = cls._fit(own, leaf, x[train], y[train], lam, xd_train)
-            model = cls([""] * y.shape[1], own, leaf, a, b, w, lam, direct=d)
-            z[held] = model._logits(x[held], None if xd is None else xd[held])
+            side_train = {k: v[train] for k, v in side.items()}
+            lam = l2 if l2 is not None else cls._choose_l2(own, leaf, x[train], y[train], folds, seed, side_train)
+            a, b, w, d = cls._fit(own, leaf, x[train], y[train], lam, side_train)
+            model = cls([""] * y.shape[1], own, leaf, a, b, w, lam, direct=d.get("direct"), lexical=d.get("lexical"))
+            z[held] = model._logits(x[held], {k: v[held] for k, v in side.items()})
         return z
 
     @classmethod
-    def _choose_l2(cls, own, leaf, x, y, folds, seed, xd=None) -> float:
+    def _choose_l2(cls, own, leaf, x, y, folds, seed, side) -> float:
         """The L2_GRID strength with the least cross-validated log-loss over these notes."""
         def cv_loss(lam):
-            z = cls._out_of_fold_logits(own, leaf, x, y, lam, folds, seed, xd)
+            z = cls._out_of_fold_logits(own, leaf, x, y, lam, folds, seed, side)
             return float(torch.nn.functional.binary_cross_entropy_with_logits(z, y, reduction="sum"))
         return min(L2_GRID, key=cv_loss)
 
     # -- files --------------------------------------------------------------------------------------------
+    @staticmethod
+    def lexical_file(path: str | Path) -> Path:
+        """Where the lexical prior of the bottleneck file `path` lives: beside it."""
+        path = Path(path)
+        return path.with_name(path.stem + ".lexical.safetensors")
+
     def save(self, path: str | Path) -> None:
+        if self.lexical is not None and self.prior is None:
+            raise ValueError("this bottleneck reads a lexical prior but has none to save (Bottleneck.fit(prior=))")
         texts = self.concept_texts or []
         codes = {c: {"bias": float(self.bias[j]),
                      "concepts": [{"id": i, "concept": texts[i] if texts else None, "weight": float(w),
                                    "level": "leaf" if i in set(self.leaf[j]) else "parent"}
                                   for i, w in zip(self.own[j], self.weights[j])]}
                  for j, c in enumerate(self.codes)}
-        direct = {} if self.direct is None else {"direct": self.direct}
+        side = {} if self.direct is None else {"direct": self.direct}
+        if self.lexical is not None:
+            self.prior.save(self.lexical_file(path))
+            side["lexical"] = {"weight": self.lexical, "file": self.lexical_file(path).name}
         atomic_write_json(Path(path), {"format": "cec-bottleneck-1", "clip": CLIP, "l2": self.l2,
-                                       "pooled": dict(zip(POOLED, map(float, self.pooled))), **direct,
+                                       "pooled": dict(zip(POOLED, map(float, self.pooled))), **side,
                                        "codes": codes})
 
     @classmethod
@@ -200,25 +244,29 @@ class Bottleneck:
                 bias.append(float(entry["bias"]))
             pooled = np.array([float(d["pooled"][k]) for k in POOLED])
             direct = None if d.get("direct") is None else float(d["direct"])
+            lexical = d.get("lexical")
+            weight = None if lexical is None else float(lexical["weight"])
+            prior = None if lexical is None else LexicalPrior.load(path.with_name(str(lexical["file"])), cs.codes)
         except FileNotFoundError:
             raise DataError(f"{path}: no such concept-bottleneck file") from None
         except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
             raise DataError(f"{path}: malformed concept-bottleneck file ({type(e).__name__}: {e})") from None
         return cls(list(cs.codes), own, leaf, pooled, np.array(bias), weights, float(d.get("l2", 1.0)),
-                   [c.text for c in cs.concepts], direct)
+                   [c.text for c in cs.concepts], direct, weight, prior)
 
 
-def _inputs(cs, concept_p, y, direct_p):
-    """Clipped logits of the stage-1 (and direct-question) probabilities, the labels, and per code of the concept
+def _inputs(cs, concept_p, y, direct_p, lexical_z):
+    """Clipped logits of the stage-1 probabilities, the labels, the side logits given, and per code of the concept
     set its own and its leaf-level concept ids; shapes checked."""
     x, y = concept_logits(concept_p), torch.as_tensor(np.asarray(y), dtype=torch.float64)
-    xd = None if direct_p is None else concept_logits(direct_p)
+    side = side_inputs(direct_p, lexical_z)
     if x.shape[0] != y.shape[0] or y.shape[1] != len(cs.codes):
         raise DataError(f"bottleneck: {x.shape[0]} notes of concept scores but labels of shape {tuple(y.shape)}")
-    if xd is not None and xd.shape != y.shape:
-        raise DataError(f"bottleneck: direct-question scores of shape {tuple(xd.shape)}, labels {tuple(y.shape)}")
+    for k, v in side.items():
+        if v.shape != y.shape:
+            raise DataError(f"bottleneck: {k} scores of shape {tuple(v.shape)}, labels {tuple(y.shape)}")
     own = [cs.concept_ids(c) for c in cs.codes]
-    return x, y, xd, own, [list(cs.leaf_ids.get(c, [])) for c in cs.codes]
+    return x, y, side, own, [list(cs.leaf_ids.get(c, [])) for c in cs.codes]
 
 
 def _folds(n: int, folds: int, seed: int):

@@ -5,7 +5,10 @@
      "seconds"}, "truncation"?: {"note_tokens", "kept_tokens", "kept_percent"}}
 
 With a linear stage 2 that reads the fine-tuned direct question beside the concepts, each code also has
-"direct_question": {"probability", "contribution"} (its P(yes) and its term of the code's logit).
+"direct_question": {"probability", "contribution"} (its P(yes) and its term of the code's logit); with one that
+reads the lexical prior (cec.coding.lexical), "lexical_prior": {"logit", "contribution", "terms": [{"ngram",
+"contribution"}]} (the prior's logit, its term of the code's logit, and the note's n-grams that pushed it up most,
+each with its share of that term before clipping).
 "role" is "own" for a concept of the code's own set and "outside" for a predicted-negative concept from outside
 it; "truncation" is there only when the note was cut to the token budget; "not_read": [{"start", "end", "text",
 "kind"}] only when negation handling blanked clauses (kind: negated, past, family). Codes are sorted by probability.
@@ -53,6 +56,13 @@ def code_list(result, pipeline) -> list[dict]:
         for j, c in enumerate(codes):
             c["direct_question"] = {"probability": round(float(result.direct_probs[j]), DIGITS),
                                     "contribution": round(pipeline.bottleneck.direct_term(result.direct_probs, j), 4)}
+    if result.lexical_logits is not None:
+        weight = pipeline.bottleneck.lexical
+        for j, c in enumerate(codes):
+            c["lexical_prior"] = {
+                "logit": round(float(result.lexical_logits[j]), 4),
+                "contribution": round(pipeline.bottleneck.lexical_term(result.lexical_logits, j), 4),
+                "terms": [{"ngram": g, "contribution": round(weight * t, 4)} for g, t in result.lexical_terms[j]]}
     codes.sort(key=lambda c: -c["probability"])
     return codes
 
@@ -100,6 +110,8 @@ def format_table(doc: dict, timing: dict, runners_up: int = 5, top_evidence: int
             ev = ", ".join(f"{e['concept']} {e['probability']:.2f}" for e in c["evidence"][:top_evidence])
             if "direct_question" in c:
                 ev += f"; direct question {c['direct_question']['probability']:.2f}"
+            if c.get("lexical_prior", {}).get("terms"):
+                ev += "; words " + ", ".join(repr(t["ngram"]) for t in c["lexical_prior"]["terms"])
             yield f"  {'':<{width}}         evidence: {ev}"
             if c.get("spans"):  # the note sentence the model's answers depend on most (cec.coding.attribution)
                 yield f"  {'':<{width}}         in the note: {quote(c['spans'][0]['text'])}"

@@ -253,6 +253,8 @@ class NoteResult:
     truncation: dict | None = None  # {"note_tokens", "kept_tokens", "kept_percent"} when the note was cut to fit
     not_read: list | None = None  # negation.Blanked spans the model was not given (negation "on")
     direct_probs: torch.Tensor | None = None  # the direct-FT question per code, when the linear stage reads it
+    lexical_logits: torch.Tensor | None = None  # the lexical prior's logit per code, when the linear stage reads it
+    lexical_terms: list | None = None  # with it, per code its n-grams with the largest terms (LexicalPrior.top_terms)
 
 
 class CECPipeline:
@@ -411,6 +413,13 @@ class CECPipeline:
             return None
         return self.direct_probs(text, fine_tuned=True)
 
+    def bottleneck_lexical(self, text: str) -> torch.Tensor | None:
+        """The lexical prior's logit per code that the linear stage 2 reads beside the concepts (of the fitted note,
+        as the model reads it); None when it reads none."""
+        if self.bottleneck is None or self.bottleneck.lexical is None:
+            return None
+        return torch.as_tensor(self.bottleneck.prior.logits([text])[0])
+
     # -- the whole note -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def code_note(self, text: str, note_id: str | None = None) -> NoteResult:
@@ -424,9 +433,9 @@ class CECPipeline:
         text, truncation = self.fit_note_info(text, not_read)
         concept_p = self.concept_probs(text)
         t1 = time.perf_counter()
-        direct_p = self.bottleneck_direct(text)
+        direct_p, lexical_z = self.bottleneck_direct(text), self.bottleneck_lexical(text)
         if self.bottleneck is not None:
-            shown, code_p = None, self.bottleneck.probs(concept_p, direct_p)
+            shown, code_p = None, self.bottleneck.probs(concept_p, direct_p, lexical_z)
             questions = len(self.concept_questions) + (0 if direct_p is None else len(self.direct_questions))
         else:
             shown = shown_concepts(cfg, cs, concept_p, note_id)
@@ -438,4 +447,6 @@ class CECPipeline:
         timing = {"prefix_tokens": self.concept_prefix_tokens, "questions": questions, "seconds": t2 - t0,
                   "concept_seconds": t1 - t0, "label_seconds": t2 - t1}
         predicted = [p >= cfg.threshold for p in code_p.tolist()]
-        return NoteResult(note_id, code_p, predicted, concept_p, shown, timing, truncation, not_read, direct_p)
+        terms = None if lexical_z is None else self.bottleneck.prior.top_terms(text)
+        return NoteResult(note_id, code_p, predicted, concept_p, shown, timing, truncation, not_read, direct_p,
+                          lexical_z, terms)

@@ -47,32 +47,40 @@ def score_system(scores: np.ndarray, y: np.ndarray, calibrate: bool = True):
 
 
 def fit_bottleneck(cs, concept_p: np.ndarray, y: np.ndarray, tune: np.ndarray, folds: int = 5,
-                   l2: float | None = None, direct_p: np.ndarray | None = None,
-                   also: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[Bottleneck, np.ndarray]:
-    """(the concept bottleneck fitted on the notes `tune`, reading the direct question too with direct_p, and with
-    also = (stage-1 probabilities, labels) of more notes, such as the scored training notes, on those too; its
-    out-of-fold probabilities of the `tune` notes), for a calibration and threshold fitted on notes the model
-    that predicts them never saw."""
+                   l2: float | None = None, direct_p: np.ndarray | None = None, also: tuple | None = None,
+                   lexical_z: np.ndarray | None = None, prior=None) -> tuple[Bottleneck, np.ndarray]:
+    """(the concept bottleneck fitted on the notes `tune`, its out-of-fold probabilities of those notes, for a
+    calibration and threshold fitted on notes the model that predicts them never saw). Side inputs, [notes, codes]
+    each: direct_p, the direct question's probabilities; lexical_z, lexical-prior logits from a prior that never
+    saw the note (`prior`, stored with the bottleneck). also = (stage-1 probabilities, labels[, lexical logits,
+    out of fold]) of more notes to fit on, such as the scored training notes."""
     if also is not None and direct_p is not None:
         raise ValueError("the extra fitting notes have no direct-question scores")
-    x, labels, d, extra = concept_p[tune], y[tune], None if direct_p is None else direct_p[tune], 0
+    if also is not None and (lexical_z is None) != (len(also) < 3):
+        raise ValueError("lexical logits for the dev notes and for the extra fitting notes go together")
+    x, labels, extra = concept_p[tune], y[tune], 0
+    d = None if direct_p is None else direct_p[tune]
+    lex = None if lexical_z is None else lexical_z[tune]
     if also is not None:
         x, labels, extra = np.concatenate([also[0], x]), np.concatenate([also[1], labels]), len(also[0])
-    model = Bottleneck.fit(cs, x, labels, l2=l2, folds=folds, direct_p=d)
-    return model, Bottleneck.out_of_fold(cs, x, labels, folds=folds, l2=model.l2, direct_p=d)[extra:]
+        lex = None if lex is None else np.concatenate([also[2], lex])
+    model = Bottleneck.fit(cs, x, labels, l2=l2, folds=folds, direct_p=d, lexical_z=lex, prior=prior)
+    oof = Bottleneck.out_of_fold(cs, x, labels, folds=folds, l2=model.l2, direct_p=d, lexical_z=lex)
+    return model, oof[extra:]
 
 
 def bottleneck_system(cs, concept_p: np.ndarray, y: np.ndarray, calibrate: bool = True, folds: int = 5,
-                      l2: float | None = None, direct_p: np.ndarray | None = None,
-                      also: tuple[np.ndarray, np.ndarray] | None = None):
+                      l2: float | None = None, direct_p: np.ndarray | None = None, also: tuple | None = None,
+                      lexical_z: np.ndarray | None = None):
     """The concept bottleneck of fit_bottleneck fitted on the tuning half (and `also`); its threshold (and
     calibration) from out-of-fold predictions on that half."""
     def fit(tune):
-        model, oof = fit_bottleneck(cs, concept_p, y, tune, folds, l2, direct_p, also)
+        model, oof = fit_bottleneck(cs, concept_p, y, tune, folds, l2, direct_p, also, lexical_z)
         cal = Platt.fit(oof, y[tune]) if calibrate else None
         apply = cal if cal else (lambda s: s)
-        direct = (lambda idx: None) if direct_p is None else (lambda idx: direct_p[idx])
-        return (lambda idx: apply(model.probs(concept_p[idx], direct(idx)).double().numpy())), apply(oof), cal
+        side = lambda arr, idx: None if arr is None else arr[idx]  # noqa: E731
+        return (lambda idx: apply(model.probs(concept_p[idx], side(direct_p, idx), side(lexical_z, idx))
+                                  .double().numpy())), apply(oof), cal
     return fit
 
 
