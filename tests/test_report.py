@@ -110,6 +110,18 @@ def test_a_code_without_spans_falls_back_to_lexical_and_says_so():
     assert '<p class="lexical">Highlights of F17.210: lexical matching (BM25)' in page
 
 
+def test_the_lexical_priors_words_are_listed_and_escaped():
+    i10 = code("I10", 0.9, [("high blood pressure", 0.95)])
+    i10["lexical_prior"] = {"logit": 2.1, "contribution": 0.84, "terms": [
+        {"ngram": "enalapril", "contribution": 0.3}, {"ngram": "<b>mmhg", "contribution": 0.1}]}
+    f17 = code("F17.210", 0.8, [("cigarette smoking", 0.9)])
+    f17["lexical_prior"] = {"logit": -1.0, "contribution": -0.4, "terms": []}
+    page = render_report(doc(codes=[i10, f17]))
+    assert ("words in the note (lexical prior, +0.84 to the logit): &ldquo;enalapril&rdquo;, "
+            "&ldquo;&lt;b&gt;mmhg&rdquo;") in page
+    assert page.count("lexical prior") == 1  # a code whose prior pushed it down lists no words
+
+
 def test_overlapping_codes_share_a_striped_highlight():
     codes = [code("I10", 0.9, [("blood pressure", 0.9)]), code("R03.0", 0.7, [("elevated pressure reading", 0.8)])]
     page = render_report(doc(codes=codes))

@@ -217,6 +217,11 @@ def render_report(doc: dict, *, concept_threshold: float = 0.5, note_id: str | N
                      for ev in c["evidence"] if ev["probability"] < concept_threshold]
         if negatives:  # shown to the code model as answered No
             items.append(f'<li class="off">answered No: {", ".join(negatives)}</li>')
+        prior = c.get("lexical_prior")
+        if prior and prior["terms"]:  # the bottleneck's lexical prior (cec.coding.lexical) and its words
+            words = ", ".join(f'&ldquo;{e(t["ngram"])}&rdquo;' for t in prior["terms"])
+            items.append(f'<li>words in the note (lexical prior, {prior["contribution"]:+.2f} to the logit): '
+                         f'{words}</li>')
         head = f'<span class="name">{e(c["code"])} <span class="desc">{e(c["description"])}</span></span>'
         legend.append(f'<div class="code" style="border-color:{colour(k)}"><div class="head">{head}'
                       f'<span class="prob">{c["probability"]:.2f}</span></div><ul>{"".join(items)}</ul></div>')

@@ -16,8 +16,10 @@ single parts of it.
 "predicted", "evidence": [{"concept", "level", "probability", "role"}]}], "timing": {"prefix_tokens", "questions",
 "seconds"}} with every code of the set, most probable first (cec/coding/output.py). An evidence entry's role is "own" (a
 concept of the code's own set) or "outside" (a predicted-negative concept from outside it); with a linear stage 2 each
-entry has its "contribution" to the code's logit, and a bottleneck that reads the direct question adds
-"direct_question" ({"probability", "contribution"}) to each code. A note longer than the
+entry has its "contribution" to the code's logit, a bottleneck that reads the direct question adds
+"direct_question" ({"probability", "contribution"}) to each code, and one that reads the lexical prior adds
+"lexical_prior" ({"logit", "contribution", "terms": [{"ngram", "contribution"}]}: its logit, its term of the code's
+logit and the note's words that pushed it up most). A note longer than the
 token budget is cut to its most relevant sections: the warning and a "truncation" key ({"note_tokens",
 "kept_tokens", "kept_percent"}) say how much was kept. --only-predicted keeps only the codes at or above the
 threshold, --no-text leaves out the note and the code descriptions (--list-codes prints those once).
