@@ -130,6 +130,7 @@ def main(argv=None):
     y_coder = label_matrix([n["labels"] for n in notes], cs.codes)  # --coder-labels: what a coder codes
     notes = [n | {"labels": gold(n)} for n in notes]  # every row is judged (and, but that one, fitted) on all gold
     y = label_matrix([n["labels"] for n in notes], cs.codes)
+    blanked = y & ~y_coder  # the gold pairs of blanked_labels (none unless --notes is a --coder-notes file)
     concept_p = cached(cache, (CONCEPTS, keys[CONCEPTS]), notes)
 
     rows = {}  # name -> (system fn, notes mask[, the labels it is fitted on, when not y])
@@ -203,7 +204,7 @@ def main(argv=None):
             predict, tune_p, cal = system(idx[tune])
             return (lambda j: predict(idx[j])), tune_p, cal
         r = two_fold(restricted, sub_y, args.seed, per_code="per-code" in name,
-                     fit_y=fit_y[0][idx] if fit_y else None)
+                     fit_y=fit_y[0][idx] if fit_y else None, blanked=blanked[idx])
         results.append({"system": name, "notes": int(len(idx)), **r})
         print(f"[cec] {name}: micro-F1 {r['micro_f1']:.3f} [{r['micro_f1_ci95'][0]:.3f}, "
               f"{r['micro_f1_ci95'][1]:.3f}]", file=sys.stderr)
@@ -251,6 +252,13 @@ def render(payload: dict) -> str:
                      f"{d[1]:.3f} | {r['macro_f1']:.3f} | {r['micro_auc']:.3f} | {r['macro_auc']:.3f} | "
                      f"{r['p_at_5']:.3f} | {r['ece']:.3f} | {100 * r['share_above_0_99']:.1f}% | "
                      f"{r['codes_per_note']:.1f} (gold {r['gold_codes_per_note']:.1f}) |")
+    without = [r for r in payload["systems"] if "blanked_pairs" in r]
+    if without:
+        lines += ["", f"Without the {without[0]['blanked_pairs']} gold pairs negation blanks every mention of "
+                  "(blanked_labels; neither positive nor negative for AUC, not gold for F1):", "",
+                  "| System | AUC Micro | F1 Micro |", "|---|---:|---:|"]
+        lines += [f"| {r['system']} | {r['micro_auc_without_blanked']:.3f} | {r['micro_f1_without_blanked']:.3f} |"
+                  for r in without]
     c = payload["concept_stage"]
     lines += ["", f"Concept stage on its own, against the notes' pseudo-labels (a concept is positive when a gold code "
               f"has it): AUC {c['auc']:.3f}; at P >= {c['threshold']:g}, precision {c['precision']:.3f}, recall "

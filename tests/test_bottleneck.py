@@ -196,6 +196,27 @@ def test_two_fold_tunes_thresholds_on_the_labels_the_system_was_fitted_on(cs):
     assert r["micro_auc"] == same["micro_auc"] and r["micro_f1"] != same["micro_f1"]
 
 
+def test_two_fold_reports_the_figures_without_the_blanked_gold_pairs(cs):
+    """blanked: gold pairs a coder would not code from the note as read; micro-AUC without them leaves them out of
+    positives and negatives alike, micro-F1 without them counts them as not gold."""
+    from cec.evaluation.crossfit import cross_fitted
+    from cec.evaluation.metrics import micro_f1, roc_auc
+
+    p, y = synthetic(cs, n=40)
+    scores = p[:, :len(cs.codes)]
+    system = score_system(scores, y, calibrate=False)
+    assert "micro_auc_without_blanked" not in two_fold(system, y)
+    assert "micro_auc_without_blanked" not in two_fold(system, y, blanked=np.zeros(y.shape, dtype=bool))
+    blanked = y & (scores < np.median(scores[y]))  # the gold pairs the scores miss most
+    r = two_fold(system, y, blanked=blanked)
+    probs, pred, _, _ = cross_fitted(system, y)
+    keep = ~blanked
+    assert r["blanked_pairs"] == int(blanked.sum()) > 0
+    assert r["micro_auc_without_blanked"] == roc_auc(y[keep], probs[keep]) > r["micro_auc"]
+    assert r["micro_f1_without_blanked"] == micro_f1(y & keep, pred)
+    assert {k: v for k, v in r.items() if "blanked" not in k} == two_fold(system, y)  # the rest unchanged
+
+
 def test_fit_bottleneck_also_fits_on_more_notes_and_scores_only_the_tuning_notes_out_of_fold(cs):
     """also = (probabilities, labels) of more notes (the training notes): in the fit, not in the out-of-fold
     probabilities the calibration and threshold are fitted on, and none of those from a model that saw its note."""
@@ -467,7 +488,9 @@ def test_crossfit_names_the_label_llm_row_after_the_answers_its_adapter_was_trai
     gold_rows = {r["system"]: r for r in mod.main(base + ["--train", str(tmp_path / "train.jsonl"),
                                                           "--fit-train"])["systems"]}
     name = "Concept bottleneck, fitted also on 12 training notes"
-    assert rows[name] == gold_rows[name]  # all gold again: labels + blanked_labels
+    # all gold again (labels + blanked_labels), and the figures without the blanked pairs beside
+    assert rows[name]["blanked_pairs"] == sum(len(n["blanked_labels"]) for n in coder)
+    assert {k: v for k, v in rows[name].items() if "blanked" not in k} == gold_rows[name]
     assert rows[name + ", on coder labels"]["notes"] == len(notes)
     all_gold, coded = sum(len(n["labels"]) for n in notes), sum(len(n["labels"]) for n in coder)
     assert (coded, 0) in fitted and (all_gold, sum(len(n["labels"]) for n in train[:12])) in fitted

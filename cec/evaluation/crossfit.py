@@ -18,7 +18,7 @@ import numpy as np
 
 from cec.coding.bottleneck import Bottleneck
 from cec.coding.calibration import Platt, expected_calibration_error
-from cec.evaluation.metrics import evaluate, macro_f1, micro_f1, tune_threshold
+from cec.evaluation.metrics import evaluate, macro_f1, micro_f1, roc_auc, tune_threshold
 
 Fitted = Callable[[np.ndarray], np.ndarray]  # note indices -> [len, codes] probabilities
 
@@ -110,10 +110,18 @@ def cross_fitted(system, y: np.ndarray, seed: int = 0, per_code: bool = False, f
     return probs, pred, thresholds, directions
 
 
-def two_fold(system, y: np.ndarray, seed: int = 0, per_code: bool = False, fit_y: np.ndarray | None = None) -> dict:
+def two_fold(system, y: np.ndarray, seed: int = 0, per_code: bool = False, fit_y: np.ndarray | None = None,
+             blanked: np.ndarray | None = None) -> dict:
     """Pooled cross-fitted metrics of one system, against y. per_code: thresholds per code (tuned per code on the
-    tuning half, the global threshold for codes without a positive there); fit_y as in cross_fitted."""
+    tuning half, the global threshold for codes without a positive there); fit_y as in cross_fitted. blanked: a
+    [notes, codes] mask of gold pairs a coder would not code from the note as read (negation blanks every mention):
+    the micro-AUC and micro-F1 with them left out (AUC: neither positive nor negative; F1: not gold) are added."""
     probs, pred, thresholds, directions = cross_fitted(system, y, seed, per_code, fit_y)
+    without = {}
+    if blanked is not None and blanked.any():
+        keep = ~blanked
+        without = {"micro_auc_without_blanked": roc_auc(y[keep], probs[keep]),
+                   "micro_f1_without_blanked": micro_f1(y & keep, pred), "blanked_pairs": int(blanked.sum())}
     pooled = evaluate(y, probs, 0.5)  # AUC and P@k do not depend on the threshold; F1 recomputed below
     low, high = bootstrap_micro_f1(y, pred)
     return {
@@ -122,5 +130,5 @@ def two_fold(system, y: np.ndarray, seed: int = 0, per_code: bool = False, fit_y
         "micro_auc": pooled["micro_auc"], "macro_auc": pooled["macro_auc"], "p_at_5": pooled["p_at_5"],
         "thresholds": thresholds, "ece": expected_calibration_error(probs, y),
         "share_above_0_99": float((probs > 0.99).mean()), "mean_probability": float(probs.mean()),
-        "codes_per_note": float(pred.sum(1).mean()), "gold_codes_per_note": float(y.sum(1).mean()),
+        "codes_per_note": float(pred.sum(1).mean()), "gold_codes_per_note": float(y.sum(1).mean()), **without,
     }
