@@ -47,10 +47,8 @@ $PY scripts/evaluate.py --pipeline "$OUT" --train "$DATA/train.jsonl" --dev "$OU
 # concept probabilities are in the evaluation's score cache) and on the first TRAIN_FIT_NOTES training notes, scored
 # into the same cache here; its calibration and threshold on the dev notes only. It fits on coder labels: the gold
 # codes whose every CodiEsp-X mention negation blanks taken out (CODIESP_SRC: the CodiEsp folder, for its X files),
-# so that it does not learn to code what the pipeline cannot read. It also reads the lexical prior (TF-IDF + logistic
-# regression, cec/coding/lexical.py) fitted on all training notes as the pipeline reads them, written beside it as
-# bottleneck.lexical.safetensors. The two-fold table of the README comes from the same run (every row judged on
-# all gold).
+# so that it does not learn to code what the pipeline cannot read. The two-fold table of the README comes from the
+# same run (every row judged on all gold).
 for split in dev train; do
     $PY scripts/negation_gold.py --src "$CODIESP_SRC" --split "$split" --notes "$DATA/$split.jsonl" \
         --codes "$CODIESP_SRC/codiesp50_codes.tsv" --coder-notes "$OUT/${split}_coder.jsonl" \
@@ -60,7 +58,7 @@ head -n "$TRAIN_FIT_NOTES" "$DATA/train.jsonl" > "$OUT/train_fit.jsonl"
 $PY scripts/evaluate.py --pipeline "$OUT" --systems concept-mean --test "$OUT/train_fit.jsonl" \
     --dev "$OUT/train_fit.jsonl" --device "$DEVICE" --cache "$OUT/results.scores.jsonl" --out "$OUT/train_fit.md"
 $PY scripts/crossfit_eval.py --notes "$OUT/dev_coder.jsonl" --train "$OUT/train_coder.jsonl" \
-    --cache "$OUT/results.scores.jsonl" --pipeline "$OUT" --fit-train --coder-labels --lexical --out "$OUT/crossfit.md" \
+    --cache "$OUT/results.scores.jsonl" --pipeline "$OUT" --fit-train --coder-labels --out "$OUT/crossfit.md" \
     --fit-out "$OUT/bottleneck.json" > "$OUT/crossfit.json"
 $PY - "$OUT" <<'PYEOF'
 import json, sys
