@@ -71,10 +71,7 @@ def test_bottleneck_reads_the_direct_question_when_fitted_with_it(cs, tmp_path):
     assert plain.direct is None and model.direct > 0
     assert micro_auc(y[60:], model.probs(p[60:], direct[60:]).numpy()) > 0.9
     assert micro_auc(y[60:], plain.probs(p[60:]).numpy()) < 0.75
-    z = model.logits(p[0], direct[0])
-    for j in range(len(cs.codes)):
-        total = sum(model.contributions(p[0], j).values()) + model.bias[j] + model.direct_term(direct[0], j)
-        assert total == pytest.approx(float(z[j]), abs=1e-9)
+    assert_terms_add_up(model, p[0], model.logits(p[0], direct[0]), lambda j: model.direct_term(direct[0], j))
     with pytest.raises(ValueError, match="direct question"):
         model.probs(p[0])
     model.save(tmp_path / "b.json")
@@ -82,6 +79,13 @@ def test_bottleneck_reads_the_direct_question_when_fitted_with_it(cs, tmp_path):
     assert again.direct == model.direct and torch.equal(again.probs(p, direct), model.probs(p, direct))
     plain.save(tmp_path / "plain.json")
     assert "direct" not in json.loads((tmp_path / "plain.json").read_text())
+
+
+def assert_terms_add_up(model, p_note, z, side_term):
+    """Each code's logit z[j] is its concepts' contributions + its bias + the side input's term (side_term(j))."""
+    for j in range(len(z)):
+        total = sum(model.contributions(p_note, j).values()) + model.bias[j] + side_term(j)
+        assert total == pytest.approx(float(z[j]), abs=1e-9)
 
 
 def worded(cs, y, seed=0):
@@ -104,10 +108,8 @@ def test_bottleneck_reads_the_lexical_prior_and_ships_it_beside_its_file(cs, tmp
     assert model.lexical > 0 and model.direct is None and model.side == {"lexical": model.lexical}
     z_test = prior.logits(texts[60:])
     assert micro_auc(y[60:], model.probs(p[60:], lexical_z=z_test).numpy()) > 0.9
-    z = model.logits(p[60], lexical_z=z_test[0])
-    for j in range(len(cs.codes)):
-        total = sum(model.contributions(p[60], j).values()) + model.bias[j] + model.lexical_term(z_test[0], j)
-        assert total == pytest.approx(float(z[j]), abs=1e-9)
+    assert_terms_add_up(model, p[60], model.logits(p[60], lexical_z=z_test[0]),
+                        lambda j: model.lexical_term(z_test[0], j))
     with pytest.raises(ValueError, match="lexical prior"):
         model.probs(p[60])
     model.save(tmp_path / "b.json")
