@@ -184,4 +184,3 @@ class LexicalPrior:
         if t["weights"].shape != (len(vocabulary), len(codes)) or t["idf"].shape != (len(vocabulary),):
             raise DataError(f"{path}: weights of shape {tuple(t['weights'].shape)} for {len(vocabulary)} n-grams")
         return cls(file_codes, vocabulary, t["idf"].numpy(), t["weights"].double().numpy(), t["intercept"].numpy(), C)
-
