@@ -42,7 +42,6 @@ from cec.coding.attribution import note_sentences  # noqa: E402
 from cec.coding.negation import blanked_spans  # noqa: E402
 from cec.data import read_codes, read_notes, write_notes  # noqa: E402
 from cec.errors import DataError  # noqa: E402
-from cec.evaluation.metrics import micro_f1, roc_auc  # noqa: E402
 from cec.io import prepare_output  # noqa: E402
 
 NEG_BEFORE = {"no", "sin", "niega", "niegan", "negaba", "negó", "ausencia", "ni", "nunca", "tampoco", "descarta",
@@ -166,7 +165,7 @@ def without_pairs(args, notes, dropped: set) -> dict:
     import numpy as np
 
     from crossfit_eval import LLM_SYSTEMS, cached, gold, scored_training_notes  # noqa: E402 -- scripts/
-    from cec.evaluation.crossfit import bottleneck_system, cross_fitted
+    from cec.evaluation.crossfit import bottleneck_system, two_fold
     from cec.evaluation.metrics import label_matrix
     from cec.evaluation.score_cache import ScoreCache
     from cec.evaluation.systems import CONCEPTS, fingerprints, resolve_setup
@@ -188,9 +187,9 @@ def without_pairs(args, notes, dropped: set) -> dict:
     def figures(labels, train_labels):
         also = None if train is None else scored_training_notes(
             cache, key, [n | {"labels": train_labels(n)} for n in train], cs, args.fit_train)
-        probs, pred, _, _ = cross_fitted(bottleneck_system(cs, concept_p, labels, also=also), labels)
-        return {"micro_auc": roc_auc(y.ravel(), probs.ravel()), "micro_auc_without": roc_auc(y[keep], probs[keep]),
-                "micro_f1": micro_f1(y, pred), "micro_f1_without": micro_f1(y & keep, pred)}
+        r = two_fold(bottleneck_system(cs, concept_p, labels, also=also), y, fit_y=labels, blanked=~keep)
+        return {"micro_auc": r["micro_auc"], "micro_auc_without": r.get("micro_auc_without_blanked", r["micro_auc"]),
+                "micro_f1": r["micro_f1"], "micro_f1_without": r.get("micro_f1_without_blanked", r["micro_f1"])}
     # fitted on all gold (training notes: their labels and blanked_labels), and on what a coder would code from
     # the blanked note (dev: without the dropped pairs; training notes: their labels, as --coder-notes writes them)
     return {"gold_pairs_left_out": int((~keep).sum()),
