@@ -7,7 +7,8 @@
 Uses the notes of --notes whose stage-1 concept probabilities are in the cache (and, per row, the notes that
 system has scores for: rows over fewer notes say so). Each row fits its calibration, threshold and (for the
 concept bottleneck) weights on one half of those notes and reports on the other, both ways; metrics pooled over
-all notes, with a bootstrap 95% interval of micro-F1. Prints JSON; --out also writes the Markdown table.
+all notes, with a bootstrap 95% interval of micro-F1. The label LLM has a row for each k of 3-6 the cache holds
+(`scripts/evaluate.py --systems cec-k3 cec-k4 cec-k6`), named after the answers its adapter was trained on. Prints JSON; --out also writes the Markdown table.
 --fit-out FILE writes the bottleneck fitted on all the notes (its calibration and threshold: "fitted" in the JSON):
 what a pipeline ships; with --fit-direct that bottleneck also reads the fine-tuned direct question (the row "Concept
 bottleneck + direct-FT question", there whenever the cache has direct-FT scores). With --fit-train the bottleneck
@@ -45,7 +46,9 @@ from cec.evaluation.systems import resolve_setup, tfidf_scores  # noqa: E402
 from cec.io import atomic_write_json, atomic_write_text  # noqa: E402
 from cec.evaluation.metrics import label_matrix, roc_auc, tune_threshold  # noqa: E402
 
-LLM_SYSTEMS = [System("cec-k5", "cec", 5), System("direct-ft", "direct-ft"), System("direct", "direct")]
+CEC_SYSTEMS = [System(f"cec-k{k}", "cec", k) for k in (3, 4, 5, 6)]  # the paper's k (Table 3), a row each it has
+DIRECT_FT, DIRECT = System("direct-ft", "direct-ft"), System("direct", "direct")
+LLM_SYSTEMS = CEC_SYSTEMS + [DIRECT_FT, DIRECT]
 
 
 def cached(cache, key, notes):
@@ -156,8 +159,8 @@ def main(argv=None):
     scored = {}  # system key -> ([notes, codes] scores, mask of the notes that have them)
     label = setup.config.adapter("label")  # its row says which answers it was trained on (train.py records it)
     answers = read_adapter_config(label)[1].get("concept_answers", "pseudo") if label else "pseudo"
-    for s, name in ((LLM_SYSTEMS[2], "Direct coding w/o FT"), (LLM_SYSTEMS[1], "Direct coding w/ FT"),
-                    (LLM_SYSTEMS[0], f"CEC, label LLM, k=5 ({answers} answers)")):
+    for s, name in ((DIRECT, "Direct coding w/o FT"), (DIRECT_FT, "Direct coding w/ FT"),
+                    *((s, f"CEC, label LLM, k={s.k} ({answers} answers)") for s in CEC_SYSTEMS)):
         have = np.array([cache.get(s.key, keys[s.key], n) is not None for n in notes])
         if have.sum() >= 10:
             scores = np.zeros(y.shape)
@@ -190,7 +193,7 @@ def main(argv=None):
             rows[f"Concept bottleneck + lexical prior, fitted also on {len(also_lex[0])} training notes"
                  f"{labels_part}"] = (bottleneck_system(cs, concept_p, y_lex, also=also_lex, lexical_z=lexical_dev),
                                       everyone, y_lex)
-    direct_ft = scored.get(LLM_SYSTEMS[1].key)
+    direct_ft = scored.get(DIRECT_FT.key)
     if direct_ft is not None:
         rows["Concept bottleneck + direct-FT question"] = (
             bottleneck_system(cs, concept_p, y, direct_p=direct_ft[0]), direct_ft[1])

@@ -434,12 +434,16 @@ def test_crossfit_names_the_label_llm_row_after_the_answers_its_adapter_was_trai
     for note, p in made_up_stage1(cs, 24, 4, rng):
         cache.put(CONCEPTS, keys[CONCEPTS], note, p)
         cache.put("cec-k5", keys["cec-k5"], note, [0.9 if c in note["labels"] else 0.1 for c in cs.codes])
+        if len(notes) < 12:  # k=3 scored for half the notes only: its row says so
+            cache.put("cec-k3", keys["cec-k3"], note, [0.8 if c in note["labels"] else 0.3 for c in cs.codes])
         notes.append(note)
     cache.close()
     write_notes(tmp_path / "dev.jsonl", notes)
     base = ["--notes", str(tmp_path / "dev.jsonl"), "--cache", str(tmp_path / "scores.jsonl")]
-    names = [r["system"] for r in mod.main(base)["systems"]]
-    assert "CEC, label LLM, k=5 (pseudo answers) (raw)" in names
+    rows = {r["system"]: r for r in mod.main(base)["systems"]}
+    assert rows["CEC, label LLM, k=5 (pseudo answers) (raw)"]["notes"] == len(notes)
+    assert rows["CEC, label LLM, k=3 (pseudo answers) (calibrated)"]["notes"] == 12
+    assert not any("k=4" in name or "k=6" in name for name in rows)  # no scores, no row
     names = [r["system"] for r in mod.main(base + ["--label-adapter", str(adapter)])["systems"]]
     assert "CEC, label LLM, k=5 (predicted answers) (raw)" in names
     # with --train: TF-IDF alone; with --lexical too, the bottleneck reading the lexical prior fitted on train
