@@ -12,7 +12,7 @@
     GET  /healthz        {"status": "ok", "queued", "coded"}; /docs and /openapi.json: the OpenAPI docs
 
 Each predicted code carries the note sentences behind it (`spans`, as infer.py; --no-explain leaves them out and
-saves about a quarter of the time per note). One worker thread owns the model: requests queue and are coded one
+saves about a quarter of the time per note, --evidence-gain ranks them by drop + gain). One worker thread owns the model: requests queue and are coded one
 after another, a batch's notes back to back, with the model loaded once at start. Limits: --max-body bytes per request (413), --max-note-chars per note
 (413), --max-batch notes per batch (413), --max-queue notes waiting (503 with Retry-After). Every error is
 {"error": {"code", "message"}} with a 4xx status; a bug is a 500 with that shape, its traceback only in the
@@ -41,7 +41,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cec.cli import user_errors
 from cec.coding.output import code_set_doc
-from cec.commands.infer import add_model_args, load_pipeline, note_doc, note_language, positive_int
+from cec.commands.infer import add_model_args, load_pipeline, note_doc, note_language, parse_with_model_args
+from cec.commands.infer import positive_int
 from cec.errors import CECError, ConfigError
 
 PROG = "cec.serve"
@@ -252,7 +253,7 @@ def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
     p.add_argument("--max-queue", type=positive_int, default=256, metavar="N",
                    help="most notes waiting to be coded; more get 503 (default: %(default)s)")
     add_model_args(p)
-    return p.parse_args(argv)
+    return parse_with_model_args(p, argv)
 
 
 def check_bind(host: str, port: int) -> None:
@@ -274,7 +275,7 @@ def serve(args) -> None:
                           "CEC_SERVE_TOKEN), or --insecure to serve it without one")
     check_bind(args.host, args.port)
     pipeline = load_pipeline(args)  # applies --threads (cec.cli.runtime)
-    coder = Coder(lambda text, note_id: note_doc(pipeline, text, note_id, args.explain)[0], args.max_queue)
+    coder = Coder(lambda text, note_id: note_doc(pipeline, text, note_id, args.explain, args.evidence_gain)[0], args.max_queue)
     app = make_app(coder, code_set_doc(pipeline.cs, note_language(args)), token=args.token,
                    max_note_chars=args.max_note_chars, max_batch=args.max_batch, max_body=args.max_body)
     print(f"[cec] serving on http://{args.host}:{args.port} (docs: /docs)", file=sys.stderr, flush=True)

@@ -86,7 +86,7 @@ def plain_doc(tiny, tmp_path_factory):
     return json.loads(out.getvalue())
 
 
-def test_json_output_follows_the_contract(plain_doc, tiny, tmp_path, capsys):
+def test_json_output_follows_the_contract(plain_doc, tiny, tmp_path, capsys, monkeypatch):
     doc = plain_doc
     assert set(doc) == CONTRACT_KEYS
     assert doc["note"] == NOTE and doc["code_system"] == "icd9cm" and doc["threshold"] == 0.5
@@ -108,6 +108,18 @@ def test_json_output_follows_the_contract(plain_doc, tiny, tmp_path, capsys):
     bare = code_json(capsys, tiny, "--note", write_note(tmp_path), "--no-explain")
     assert [(c["code"], c["probability"]) for c in bare["codes"]] == [(c["code"], c["probability"]) for c in doc["codes"]]
     assert all(set(c) == CODE_KEYS for c in bare["codes"]) and set(bare["timing"]) == {"prefix_tokens", "questions", "seconds"}
+
+    # --evidence-gain: the same codes and probabilities, the spans ranked by drop + gain (attribution's gain=True)
+    asked, add_evidence = [], infer.add_evidence
+    monkeypatch.setattr(infer, "add_evidence", lambda *a, **kw: asked.append(kw) or add_evidence(*a, **kw))
+    gained = code_json(capsys, tiny, "--note", write_note(tmp_path), "--evidence-gain")
+    assert [kw["gain"] for kw in asked] == [True]
+    assert [(c["code"], c["probability"]) for c in gained["codes"]] == [(c["code"], c["probability"]) for c in doc["codes"]]
+    assert all(("spans" in c) == c["predicted"] for c in gained["codes"])
+    with pytest.raises(SystemExit) as e:  # an argparse error, like the other options that do not go together
+        infer.main(["--pipeline", str(tiny / "plain"), "--note", str(write_note(tmp_path)), "--no-explain",
+                    "--evidence-gain"])
+    assert e.value.code == 2 and "does not go with --no-explain" in capsys.readouterr().err
 
     # the options override the pipeline folder's values
     mid = probs[2]

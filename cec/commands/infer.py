@@ -27,7 +27,9 @@ threshold, --no-text leaves out the note and the code descriptions (--list-codes
 Each predicted code also carries `spans` ([{"start", "end", "text", "score"}], the note sentences its answers
 depend on most, best first, character offsets in the note as given) and each of its evidence concepts a
 `sentence` (the span that supports it best, or null); "timing" then has "evidence_seconds". This costs about 0.3x
-the coding time; --no-explain leaves it out, in batch mode too.
+the coding time; --no-explain leaves it out, in batch mode too. --evidence-gain ranks the sentences by drop + gain
+(how much hiding a sentence lowers the answers, plus how much it alone raises them), with twice the evidence
+questions.
 
 Batch mode reads notes JSONL ({"id", "text"} per line; "labels" optional and copied to the output) and writes
 one line per note to --out: the JSON object above without "note", with "id" (and "labels") first. A run that
@@ -89,13 +91,15 @@ def read_note(arg: str, encoding: str | None = None) -> str:
 
 
 # -- output -----------------------------------------------------------------------------------------------
-def note_doc(pipeline, text: str, note_id: str | None = None, explain: bool = True, **shape) -> tuple[dict, dict]:
+def note_doc(pipeline, text: str, note_id: str | None = None, explain: bool = True, gain: bool = False,
+             **shape) -> tuple[dict, dict]:
     """(the JSON contract of cec.coding.output, the pipeline's full timing); explain: the note sentences behind
-    each predicted code (cec.coding.attribution); shape: cec.coding.output.shaped's options."""
+    each predicted code (cec.coding.attribution), ranked by drop + gain with gain=True; shape:
+    cec.coding.output.shaped's options."""
     result = pipeline.code_note(text, note_id)
     doc = note_json(result, text, pipeline)
     if explain:
-        add_evidence(doc, pipeline, text, result)
+        add_evidence(doc, pipeline, text, result, gain=gain)
     return shaped(doc, **shape), timing_json(result.timing)
 
 
@@ -226,7 +230,7 @@ def run_batch(args, rank: int, world: int) -> None:
             bar = tqdm(total=len(shard), initial=len(shard) - len(todo), unit="note", file=sys.stderr,
                        desc=f"rank {rank}" if world > 1 else "coding", position=rank if world > 1 else None)
             for n in todo:
-                doc, _ = note_doc(pipeline, n["text"], n["id"], args.explain,
+                doc, _ = note_doc(pipeline, n["text"], n["id"], args.explain, args.evidence_gain,
                                   **(output_shape(args) | {"note": False}))
                 head = {"id": n["id"]} | ({"labels": n["labels"]} if "labels" in n else {})
                 writer.append(head | doc)
@@ -305,8 +309,20 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(sentence), found by hiding each sentence from the model's questions "
                         "(cec.coding.attribution; about 0.3x the coding time). --no-explain leaves them out "
                         "(the HTML report then falls back to word overlap, labelled as such)")
+    p.add_argument("--evidence-gain", action="store_true",
+                   help="rank evidence sentences by drop + gain: how much hiding a sentence lowers the answers, plus "
+                        "how much that sentence alone raises them (ERASER's comprehensiveness + sufficiency; twice "
+                        "the evidence questions, and no better against CodiEsp-X gold: README, Evidence)")
     add_runtime_args(p)
     add_scoring_args(p)
+
+
+def parse_with_model_args(p: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    """p.parse_args(argv), with the checks across add_model_args' options."""
+    args = p.parse_args(argv)
+    if args.evidence_gain and not args.explain:
+        p.error("--evidence-gain ranks the evidence sentences: it does not go with --no-explain")
+    return args
 
 
 def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
@@ -335,7 +351,7 @@ def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
     p.add_argument("--encoding", type=encoding_name, metavar="CODEC",
                    help="encoding of the notes, read strictly (default: UTF-8, bad bytes replaced with a warning)")
     add_model_args(p)
-    args = p.parse_args(argv)
+    args = parse_with_model_args(p, argv)
     if args.notes and not args.out:
         p.error("--notes needs --out")
     if args.out and not args.notes:
@@ -402,7 +418,7 @@ def run(args) -> None:
         check_html(args.html, note_arg)
     pipeline = load_pipeline(args)
     name = None if note_arg == "-" else Path(note_arg).name
-    full, timing = note_doc(pipeline, text, name, args.explain)
+    full, timing = note_doc(pipeline, text, name, args.explain, args.evidence_gain)
     doc = shaped(full, **output_shape(args))
     if args.format == "json":
         print(json.dumps(doc, ensure_ascii=False, indent=2))
