@@ -12,12 +12,13 @@
     GET  /healthz        {"status": "ok", "queued", "coded"}; /docs and /openapi.json: the OpenAPI docs
 
 Each predicted code carries the note sentences behind it (`spans`, as infer.py; --no-explain leaves them out and
-saves about a quarter of the time per note, --evidence-gain ranks them by drop + gain). One worker thread owns the model: requests queue and are coded one
-after another, a batch's notes back to back, with the model loaded once at start. Limits: --max-body bytes per request (413), --max-note-chars per note
-(413), --max-batch notes per batch (413), --max-queue notes waiting (503 with Retry-After). Every error is
-{"error": {"code", "message"}} with a 4xx status; a bug is a 500 with that shape, its traceback only in the
-server's log. It binds to 127.0.0.1; with --token (or CEC_SERVE_TOKEN) every /v1 request needs
-`Authorization: Bearer TOKEN`, and a host other than loopback is refused without a token unless --insecure.
+saves about a quarter of the time per note, --evidence-gain ranks them by drop + gain). One worker thread owns the
+model: requests queue and are coded one after another, a batch's notes back to back, with the model loaded once
+at start. Limits: --max-body bytes per request (413), --max-note-chars per note (413), --max-batch notes per
+batch (413), --max-queue notes waiting (503 with Retry-After). Every error is {"error": {"code", "message"}} with a
+4xx status; a bug is a 500 with that shape, its traceback only in the server's log. It binds to 127.0.0.1; with
+--token (or CEC_SERVE_TOKEN) every /v1 request needs `Authorization: Bearer TOKEN`, and a host other than
+loopback is refused without a token unless --insecure.
 """
 from __future__ import annotations
 
@@ -275,7 +276,8 @@ def serve(args) -> None:
                           "CEC_SERVE_TOKEN), or --insecure to serve it without one")
     check_bind(args.host, args.port)
     pipeline = load_pipeline(args)  # applies --threads (cec.cli.runtime)
-    coder = Coder(lambda text, note_id: note_doc(pipeline, text, note_id, args.explain, args.evidence_gain)[0], args.max_queue)
+    coder = Coder(lambda text, note_id: note_doc(pipeline, text, note_id, args.explain, args.evidence_gain)[0],
+                  args.max_queue)
     app = make_app(coder, code_set_doc(pipeline.cs, note_language(args)), token=args.token,
                    max_note_chars=args.max_note_chars, max_batch=args.max_batch, max_body=args.max_body)
     print(f"[cec] serving on http://{args.host}:{args.port} (docs: /docs)", file=sys.stderr, flush=True)

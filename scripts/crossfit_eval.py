@@ -8,7 +8,8 @@ Uses the notes of --notes whose stage-1 concept probabilities are in the cache (
 system has scores for: rows over fewer notes say so). Each row fits its calibration, threshold and (for the
 concept bottleneck) weights on one half of those notes and reports on the other, both ways; metrics pooled over
 all notes, with a bootstrap 95% interval of micro-F1. The label LLM has a row for each k of 3-6 the cache holds
-(`scripts/evaluate.py --systems cec-k3 cec-k4 cec-k6`), named after the answers its adapter was trained on. Prints JSON; --out also writes the Markdown table.
+(`scripts/evaluate.py --systems cec-k3 cec-k4 cec-k6`), named after the answers its adapter was trained on.
+Prints JSON; --out also writes the Markdown table.
 --fit-out FILE writes the bottleneck fitted on all the notes (its calibration and threshold: "fitted" in the JSON):
 what a pipeline ships; with --fit-direct that bottleneck also reads the fine-tuned direct question (the row "Concept
 bottleneck + direct-FT question", there whenever the cache has direct-FT scores). With --fit-train the bottleneck
