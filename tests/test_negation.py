@@ -139,6 +139,16 @@ def test_report_lists_what_the_model_did_not_read(folder):
     ("Sociofunctional situation: lives with their parents. Asthma.", ["lives with their parents", "Asthma"], []),
     # "No 139" is sodium as the translation spells it, not a negation
     ("Ionogram: No 139, K 4.2, Cl 101. No fever.", ["No 139, K 4.2"], ["fever"]),
+    # a reason ends a forward scope; a stopped treatment negates nothing; a relative's clause keeps its reason
+    ("Metformin was stopped because of the reduced kidney function.", ["Metformin was stopped because of the "
+     "reduced kidney function"], []),
+    ("Biopsy was not possible because the compression exerted by the mass.", ["because the compression"],
+     ["possible"]),
+    ("Falls without loss of consciousness due to abnormal movements.", ["due to abnormal movements"],
+     ["consciousness"]),
+    ("Again, CAPD was stopped and HD was restarted.", ["CAPD was stopped and HD was restarted"], []),
+    ("He stopped smoking in 2015.", [], ["smoking"]),
+    ("He smokes; a brother died due to lung cancer.", ["He smokes"], ["lung cancer"]),
 ])
 def test_scopes_found_over_reaching_on_training_notes(text, kept, gone):
     got, _ = read(text)
@@ -154,7 +164,8 @@ def test_the_rules_are_in_the_cache_key_when_negation_is_on(monkeypatch):
     import hashlib
     redone = hashlib.sha1(repr((negation.SCOPE_WORDS, negation.NEGATED_FORWARD, negation.NEGATED_BACKWARD,
                                 negation.PAST_FORWARD, negation.PAST_WORDS, negation.PAST_BACKWARD, negation.FAMILY,
-                                negation.PSEUDO, negation.ENDS, negation.LAST, "no+number")).encode()).hexdigest()[:12]
+                                negation.PSEUDO, negation.ENDS, negation.REASON, negation.LAST,
+                                "no+number")).encode()).hexdigest()[:12]
     assert redone != before
 
 

@@ -11,7 +11,7 @@ should not (read `not_read`); `negation: "off"` in cec_pipeline.json (or infer.p
 
 Scopes: a forward trigger covers the words after it, a backward one the words before it, up to a clause
 boundary (. ; : ! ? a line end, a conjunction such as "but", a verb that starts new content such as "presented"
-or "consulted"; "history" ends the scope it is in) and at most SCOPE_WORDS words; a family trigger covers its
+or "consulted", forward a reason such as "because"; "history" ends the scope it is in) and at most SCOPE_WORDS words; a family trigger covers its
 whole clause. Commas do not end a scope, so "no fever, chills or cough" is one scope.
 """
 from __future__ import annotations
@@ -40,7 +40,10 @@ PSEUDO = ("no change", "no increase", "no significant change", "not only", "not 
           "gram negative", "gram-negative", "not certain", "no longer than", "nor only",
           # the patient's own relations, not a relative's findings ("first daughter of young parents")
           "daughter of", "son of", "young parents", "with her parents",
-          "with his parents", "with their parents", "to her parents", "to his parents", "to their parents")
+          "with his parents", "with their parents", "to her parents", "to his parents", "to their parents",
+          # a treatment stopped, not a finding given up: "Metformin was stopped because of the reduced kidney
+          # function" (the forward scope of "stopped" is for "stopped smoking")
+          "was stopped", "were stopped", "been stopped", "is stopped")
 ENDS = ("but", "however", "although", "though", "except", "yet", "whereas", "which", "who", "aside from",
         "apart from", "still", "while", "presented", "presents", "consulted", "consults", "admitted", "came",
         "comes", "referred", "reported", "reports", "complained", "complains", "showed", "shows", "revealed",
@@ -48,12 +51,16 @@ ENDS = ("but", "however", "although", "though", "except", "yet", "whereas", "whi
         # new content, not more of the negated list: "no fever, with an Apgar score of 9", "IgM positive and IgG
         # negative" (a backward scope must not take the positive finding), "did not respond, requiring surgery"
         "with", "positive", "requiring", "required")
+# a reason starts new content in a forward negated or past scope: "not performed because of the compression
+# exerted by the mass", "without loss of consciousness due to abnormal movements"; a relative's clause keeps it
+# ("a brother who died due to lung cancer")
+REASON = ("because", "due")
 # a scope ends after these: "without relevant medical history | consulted for hematuria"
 LAST = ("history", "antecedents", "background", "allergies")
 
 # what a score cache keyed on negation "on" depends on: the rules (a changed list is a different reading)
 RULES = hashlib.sha1(repr((SCOPE_WORDS, NEGATED_FORWARD, NEGATED_BACKWARD, PAST_FORWARD, PAST_WORDS, PAST_BACKWARD,
-                           FAMILY, PSEUDO, ENDS, LAST, "no+number")).encode()).hexdigest()[:12]
+                           FAMILY, PSEUDO, ENDS, REASON, LAST, "no+number")).encode()).hexdigest()[:12]
 
 WORD = re.compile(r"[A-Za-z][A-Za-z\d]*(?:-[A-Za-z\d]+)*|\d+(?:[.,]\d+)?|[^\sA-Za-z\d]")
 BOUNDARY = set(".;:!?")
@@ -80,13 +87,13 @@ def _match(words, i: int, phrases) -> int:
     return best
 
 
-def _clause(words, i: int, step: int) -> int:
+def _clause(words, i: int, step: int, family: bool = False) -> int:
     """The last word index of the clause from word i going in direction step (+1 forward, -1 back), at most
-    SCOPE_WORDS words, stopping before a boundary or a conjunction."""
+    SCOPE_WORDS words, stopping before a boundary or a conjunction (or, forward and not a relative's, a reason)."""
     j, n = i, 0
     while 0 <= j + step < len(words) and n < SCOPE_WORDS:
         w = words[j + step][2]
-        if w in BOUNDARY or w in ENDS or (step < 0 and w in LAST):
+        if w in BOUNDARY or w in ENDS or (step < 0 and w in LAST) or (step > 0 and not family and w in REASON):
             break
         j += step
         n += w[0].isalnum()
@@ -124,7 +131,7 @@ def blanked_spans(text: str) -> list[Blanked]:
                 direction = 0
             first, last = i, i + n - 1
             if direction is not None and direction >= 0:
-                last = _clause(words, last, 1)
+                last = _clause(words, last, 1, family=kind == "family")
             if direction is not None and direction <= 0:
                 first = _clause(words, first, -1)
             # a trigger with nothing in its scope blanks nothing (unless it is the finding itself)
