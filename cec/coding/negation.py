@@ -11,8 +11,9 @@ should not (read `not_read`); `negation: "off"` in cec_pipeline.json (or infer.p
 
 Scopes: a forward trigger covers the words after it, a backward one the words before it, up to a clause
 boundary (. ; : ! ? a line end, a conjunction such as "but", a verb that starts new content such as "presented"
-or "consulted", forward a reason such as "because"; "history" ends the scope it is in) and at most SCOPE_WORDS words; a family trigger covers its
-whole clause. Commas do not end a scope, so "no fever, chills or cough" is one scope.
+or "consulted", forward a reason such as "because"; "history" ends the scope it is in) and at most SCOPE_WORDS
+words; a family trigger covers its whole clause. Commas do not end a scope, so "no fever, chills or cough" is one
+scope.
 """
 from __future__ import annotations
 
