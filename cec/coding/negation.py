@@ -59,9 +59,14 @@ REASON = ("because", "due")
 # a scope ends after these: "without relevant medical history | consulted for hematuria"
 LAST = ("history", "antecedents", "background", "allergies")
 
-# what a score cache keyed on negation "on" depends on: the rules (a changed list is a different reading)
-RULES = hashlib.sha1(repr((SCOPE_WORDS, NEGATED_FORWARD, NEGATED_BACKWARD, PAST_FORWARD, PAST_WORDS, PAST_BACKWARD,
-                           FAMILY, PSEUDO, ENDS, REASON, LAST, "no+number")).encode()).hexdigest()[:12]
+
+def rules_hash() -> str:
+    """What a score cache keyed on negation "on" depends on: the rules (a changed list is a different reading)."""
+    return hashlib.sha1(repr((SCOPE_WORDS, NEGATED_FORWARD, NEGATED_BACKWARD, PAST_FORWARD, PAST_WORDS, PAST_BACKWARD,
+                              FAMILY, PSEUDO, ENDS, REASON, LAST, "no+number")).encode()).hexdigest()[:12]
+
+
+RULES = rules_hash()
 
 WORD = re.compile(r"[A-Za-z][A-Za-z\d]*(?:-[A-Za-z\d]+)*|\d+(?:[.,]\d+)?|[^\sA-Za-z\d]")
 BOUNDARY = set(".;:!?")
