@@ -101,8 +101,11 @@ def test_bench_note_reports_the_floor_and_where_the_time_goes(tiny_pipeline, tmp
     assert json.loads((tmp_path / "b.json").read_text()) == out
     note = out["stages"]["llm"]["notes"][0]
     assert note["code_questions"] == 5 and note["flops"] == note["flops_by_part"]["total"] > 0
-    assert note["floor_seconds"] > 0  # rounded to ms: on this tiny model a few percent
-    assert note["over_floor"] == pytest.approx(note["seconds"] / note["floor_seconds"], rel=0.05)
+    assert note["floor_seconds"] > 0
+    # seconds and floor_seconds are rounded to ms (on this tiny model the floor is a few ms, so the rounding alone
+    # moves their ratio by up to ~10%); over_floor, from the unrounded values, must lie inside the rounding's bounds
+    s, f, half_ms = note["seconds"], note["floor_seconds"], 0.0005
+    assert (s - half_ms) / (f + half_ms) <= note["over_floor"] <= (s + half_ms) / (f - half_ms)
     parts = note["breakdown"]["parts"]
     assert any(k.startswith("questions: linear") for k in parts) and "questions: prefix partial" in parts
     # the exclusive parts add up to the note's wall time
