@@ -149,6 +149,9 @@ def test_report_lists_what_the_model_did_not_read(folder):
     ("Again, CAPD was stopped and HD was restarted.", ["CAPD was stopped and HD was restarted"], []),
     ("He stopped smoking in 2015.", [], ["smoking"]),
     ("He smokes; a brother died due to lung cancer.", ["He smokes"], ["lung cancer"]),
+    # a two-word end ("aside from", "apart from") ends a scope both ways
+    ("No fever aside from chills.", ["aside from chills"], ["fever"]),
+    ("Anemia aside from thrombocytopenia was excluded.", ["Anemia aside from"], ["thrombocytopenia"]),
 ])
 def test_scopes_found_over_reaching_on_training_notes(text, kept, gone):
     got, _ = read(text)

@@ -61,9 +61,11 @@ LAST = ("history", "antecedents", "background", "allergies")
 
 
 def rules_hash() -> str:
-    """What a score cache keyed on negation "on" depends on: the rules (a changed list is a different reading)."""
-    return hashlib.sha1(repr((SCOPE_WORDS, NEGATED_FORWARD, NEGATED_BACKWARD, PAST_FORWARD, PAST_WORDS, PAST_BACKWARD,
-                              FAMILY, PSEUDO, ENDS, REASON, LAST, "no+number")).encode()).hexdigest()[:12]
+    """What a score cache keyed on negation "on" depends on: the rules (a changed list is a different reading) and
+    a name for each rule written as code rather than as a list (change the name when the code reads differently)."""
+    rules = (SCOPE_WORDS, NEGATED_FORWARD, NEGATED_BACKWARD, PAST_FORWARD, PAST_WORDS, PAST_BACKWARD, FAMILY, PSEUDO,
+             ENDS, REASON, LAST, "no+number", "two-word ends")
+    return hashlib.sha1(repr(rules).encode()).hexdigest()[:12]
 
 
 RULES = rules_hash()
@@ -93,13 +95,25 @@ def _match(words, i: int, phrases) -> int:
     return best
 
 
+def _ends_at(words, k: int, step: int) -> bool:
+    """Whether word k, met going in direction step, is an ENDS word or the near end of an ENDS phrase ("aside from":
+    "aside" going forward, "from" going back)."""
+    for p in ENDS:
+        parts = p.split()
+        first = k if step > 0 else k - len(parts) + 1
+        if first >= 0 and [w[2] for w in words[first: first + len(parts)]] == parts:
+            return True
+    return False
+
+
 def _clause(words, i: int, step: int, family: bool = False) -> int:
     """The last word index of the clause from word i going in direction step (+1 forward, -1 back), at most
     SCOPE_WORDS words, stopping before a boundary or a conjunction (or, forward and not a relative's, a reason)."""
     j, n = i, 0
     while 0 <= j + step < len(words) and n < SCOPE_WORDS:
         w = words[j + step][2]
-        if w in BOUNDARY or w in ENDS or (step < 0 and w in LAST) or (step > 0 and not family and w in REASON):
+        if w in BOUNDARY or _ends_at(words, j + step, step) or (step < 0 and w in LAST) or \
+                (step > 0 and not family and w in REASON):
             break
         j += step
         n += w[0].isalnum()
