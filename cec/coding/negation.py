@@ -85,25 +85,15 @@ def _words(line: str) -> list[tuple[int, int, str]]:
     return [(m.start(), m.end(), m.group().lower()) for m in WORD.finditer(line)]
 
 
-def _match(words, i: int, phrases) -> int:
-    """Length in words of the longest phrase of `phrases` starting at word i (0: none)."""
+def _match(words, i: int, phrases, step: int = 1) -> int:
+    """Length in words of the longest phrase of `phrases` starting at word i (step -1: ending at word i; 0: none)."""
     best = 0
     for p in phrases:
         parts = p.split()
-        if words[i][2] == parts[0] and [w[2] for w in words[i: i + len(parts)]] == parts:
+        first = i if step > 0 else i - len(parts) + 1
+        if first >= 0 and words[first][2] == parts[0] and [w[2] for w in words[first: first + len(parts)]] == parts:
             best = max(best, len(parts))
     return best
-
-
-def _ends_at(words, k: int, step: int) -> bool:
-    """Whether word k, met going in direction step, is an ENDS word or the near end of an ENDS phrase ("aside from":
-    "aside" going forward, "from" going back)."""
-    for p in ENDS:
-        parts = p.split()
-        first = k if step > 0 else k - len(parts) + 1
-        if first >= 0 and [w[2] for w in words[first: first + len(parts)]] == parts:
-            return True
-    return False
 
 
 def _clause(words, i: int, step: int, family: bool = False) -> int:
@@ -112,7 +102,7 @@ def _clause(words, i: int, step: int, family: bool = False) -> int:
     j, n = i, 0
     while 0 <= j + step < len(words) and n < SCOPE_WORDS:
         w = words[j + step][2]
-        if w in BOUNDARY or _ends_at(words, j + step, step) or (step < 0 and w in LAST) or \
+        if w in BOUNDARY or _match(words, j + step, ENDS, step) or (step < 0 and w in LAST) or \
                 (step > 0 and not family and w in REASON):
             break
         j += step
